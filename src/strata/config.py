@@ -1,0 +1,302 @@
+"""strata's configuration: one TOML file plus environment overrides.
+
+Every default works with no file at all. The reference is
+docs/configuration.md; keep the two in step.
+
+Environment overrides, applied on top of the file:
+
+* ``STRATA_DATA_DIR``: the data directory.
+* ``STRATA_WRITE_KEYS`` / ``STRATA_QUERY_TOKENS``: comma-separated keys added
+  to ``[auth]``.
+* ``STRATA_<SECTION>__<FIELD>=value`` for any scalar field, e.g.
+  ``STRATA_LOG__PARTITIONS=16`` or ``STRATA_SERVING__BACKEND=redis``. The
+  value is parsed as TOML when it can be (numbers, booleans, quoted strings),
+  else taken as a string.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def parse_duration_ms(value: str | int | float, field: str = "duration") -> int:
+    """Parse ``"30s"``, ``"5m"``, ``"7d"``, ``"250ms"`` (or a number of ms)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{field}: expected a duration like '30s', got {value!r}")
+    if isinstance(value, int | float):
+        return int(value)
+    match = _DURATION.match(value)
+    if not match:
+        raise ConfigError(f"{field}: expected a duration like '30s', '5m' or '7d', got {value!r}")
+    return int(float(match.group(1)) * _UNIT_MS[match.group(2)])
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Ingest worker processes. 0 means "one per core, at least 1". Each serves
+    # the ingest routes itself and forwards the rest to the core process.
+    ingest_workers: int = 0
+
+
+class IngestConfig(_Section):
+    max_body_bytes: int = 5 * 2**20
+    max_batch_events: int = 1000
+    max_event_bytes: int = 64 * 1024
+    # Event time rule (docs/semantics.md): corrected timestamps more than this
+    # far in the future are clamped to received_at ...
+    max_future_skew: str = "10m"
+    # ... and ones older than this are rejected.
+    max_event_age: str = "90d"
+    # user_ids whose events are spread over this many partitions, salted by
+    # event_id, so one viral user does not pin one partition.
+    hot_user_ids: list[str] = []
+    hot_key_salt_buckets: int = 8
+
+
+class LogConfig(_Section):
+    backend: Literal["embedded", "kafka"] = "embedded"
+    partitions: int = 8
+    segment_bytes: int = 64 * 2**20
+    retention: str = "7d"
+    retention_bytes_per_partition: int = 0  # 0: no size limit
+    max_bytes: int = 0  # 0: no limit; beyond it ingest answers 503
+    fsync: Literal["always", "interval", "never"] = "always"
+    fsync_interval_ms: int = 200
+    allow_drop_uncommitted: bool = False
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_replication_factor: int = 1
+
+
+class StoreConfig(_Section):
+    backend: Literal["chdb", "clickhouse"] = "chdb"
+    # For backend = "clickhouse": an http(s) URL of the server.
+    url: str = ""
+    database: str = "strata"
+    raw_ttl: str = "90d"
+    rollup_5m_ttl: str = "35d"
+
+
+class LoaderConfig(_Section):
+    max_batch_events: int = 200_000
+    max_wait_ms: int = 250
+    dedup_horizon: str = "24h"
+
+
+class ProcessorConfig(_Section):
+    early_firing_interval: str = "1s"
+    idle_partition_timeout: str = "10s"
+    max_batch_events: int = 100_000
+
+
+class ServingConfig(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+
+class LakeConfig(_Section):
+    # Local path or URI (file://, s3://bucket/prefix). Empty: <data_dir>/lake.
+    path: str = ""
+    cold_path: str = ""
+    hot_retention: str = "90d"
+    s3_endpoint: str = ""
+    s3_region: str = "us-east-1"
+    roll_bytes: int = 64 * 2**20
+    roll_interval: str = "60s"
+
+
+class QueryConfig(_Section):
+    cache_ttl: str = "60s"
+    open_range_cache_ttl: str = "2s"
+    sql_max_execution_s: float = 30.0
+    sql_max_rows: int = 100_000
+    sql_max_memory_bytes: int = 2 * 2**30
+    rate_limit_per_minute: int = 600
+    rate_limit_burst: int = 120
+    max_concurrent_heavy: int = 2
+
+
+class AuthConfig(_Section):
+    # Plain keys from the config or the environment. Keys created with the CLI
+    # or the admin API are stored hashed in <data_dir>/keys.json.
+    write_keys: list[str] = []
+    query_tokens: list[str] = []  # scopes: metrics, sql
+    admin_tokens: list[str] = []  # scopes: metrics, sql, admin
+
+
+class MetricConfig(_Section):
+    name: str
+    filter: str = ""
+    dimensions: list[str] = []
+    aggregations: dict[str, str] = {}
+    window: str = "5m"
+    slide: str = ""
+    out_of_orderness: str = "30s"
+    allowed_lateness: str = "0s"
+
+
+def default_metrics() -> list[MetricConfig]:
+    """The metrics strata ships with; the seed example comes first."""
+    return [
+        MetricConfig(
+            name="page_views_by_country",
+            filter="event_type = 'page_view'",
+            dimensions=["country"],
+            aggregations={"views": "count()", "users": "uniq(user_id)"},
+        ),
+        MetricConfig(
+            name="events_by_type",
+            dimensions=["event_type"],
+            aggregations={"events": "count()", "users": "uniq(distinct_id)"},
+        ),
+        MetricConfig(
+            name="active_users",
+            aggregations={"users": "uniq(distinct_id)", "events": "count()"},
+        ),
+        MetricConfig(
+            name="revenue_by_country",
+            filter="revenue > 0",
+            dimensions=["country", "currency"],
+            aggregations={
+                "revenue": "sum(revenue)",
+                "orders": "count()",
+                "buyers": "uniq(distinct_id)",
+                "avg_order": "avg(revenue)",
+            },
+        ),
+    ]
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    data_dir: str = "./strata-data"
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    loader: LoaderConfig = msgspec.field(default_factory=LoaderConfig)
+    processor: ProcessorConfig = msgspec.field(default_factory=ProcessorConfig)
+    serving: ServingConfig = msgspec.field(default_factory=ServingConfig)
+    lake: LakeConfig = msgspec.field(default_factory=LakeConfig)
+    query: QueryConfig = msgspec.field(default_factory=QueryConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    metrics: list[MetricConfig] = msgspec.field(default_factory=default_metrics)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).resolve()
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
+    if "STRATA_DATA_DIR" in environ:
+        data["data_dir"] = environ["STRATA_DATA_DIR"]
+    auth = data.setdefault("auth", {})
+    for env_name, field in (
+        ("STRATA_WRITE_KEYS", "write_keys"),
+        ("STRATA_QUERY_TOKENS", "query_tokens"),
+        ("STRATA_ADMIN_TOKENS", "admin_tokens"),
+    ):
+        extra = [k.strip() for k in environ.get(env_name, "").split(",") if k.strip()]
+        if extra:
+            auth[field] = list(auth.get(field, [])) + extra
+    for name, raw in environ.items():
+        if not name.startswith("STRATA_") or "__" not in name:
+            continue
+        section, _, field = name[len("STRATA_") :].lower().partition("__")
+        if section in ("metrics",) or not field:
+            continue
+        data.setdefault(section, {})[field] = _env_value(raw)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Load the TOML file at ``path`` (optional), then the environment, then
+    ``overrides`` (dotted keys such as ``"log.partitions"``). Raises
+    ``ConfigError`` naming the field on any invalid value."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    _apply_env(data, dict(os.environ if environ is None else environ))
+    for dotted, value in (overrides or {}).items():
+        target = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    validate_config(config)
+    return config
+
+
+def validate_config(config: Config) -> None:
+    """Checks that msgspec's types cannot express."""
+    checks = [
+        ("log.partitions", config.log.partitions >= 1),
+        ("server.port", 0 <= config.server.port <= 65535),
+        ("ingest.max_batch_events", config.ingest.max_batch_events >= 1),
+        ("ingest.max_body_bytes", config.ingest.max_body_bytes >= 1024),
+        ("ingest.hot_key_salt_buckets", config.ingest.hot_key_salt_buckets >= 1),
+        ("loader.max_batch_events", config.loader.max_batch_events >= 1),
+    ]
+    for field, ok in checks:
+        if not ok:
+            raise ConfigError(f"{field}: value out of range")
+    for field, value in (
+        ("ingest.max_future_skew", config.ingest.max_future_skew),
+        ("ingest.max_event_age", config.ingest.max_event_age),
+        ("log.retention", config.log.retention),
+        ("store.raw_ttl", config.store.raw_ttl),
+        ("store.rollup_5m_ttl", config.store.rollup_5m_ttl),
+        ("loader.dedup_horizon", config.loader.dedup_horizon),
+        ("query.cache_ttl", config.query.cache_ttl),
+        ("lake.hot_retention", config.lake.hot_retention),
+        ("processor.early_firing_interval", config.processor.early_firing_interval),
+        ("processor.idle_partition_timeout", config.processor.idle_partition_timeout),
+    ):
+        parse_duration_ms(value, field)
+    if parse_duration_ms(config.loader.dedup_horizon) < 86_400_000:
+        raise ConfigError("loader.dedup_horizon: must be at least 24h (DESIGN.md)")
+    names = [m.name for m in config.metrics]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ConfigError(f"metrics: duplicate metric name(s) {sorted(duplicates)}")
+    # Metric definitions are compiled (and so fully checked) by strata.metrics.
+    from strata.metrics import compile_metrics
+
+    compile_metrics(config.metrics)

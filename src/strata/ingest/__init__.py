@@ -1,0 +1,1 @@
+"""Ingest: HTTP in, durable log append out. Nothing else writes the log."""

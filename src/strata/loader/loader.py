@@ -1,0 +1,242 @@
+"""The loader: log topic -> store table, exactly once.
+
+One ``Loader`` per sink (topic -> table). Each cycle:
+
+1. poll a micro-batch of consecutive records per partition;
+2. write the *plan* (the offset range per partition) to the checkpoint;
+3. drop records whose id the dedup index has seen (client retries);
+4. insert the rest with ``insert_deduplication_token`` derived from the plan,
+   so a replay of the same plan is dropped by the store, in the table and in
+   every materialized-view rollup;
+5. add the new ids to the dedup index (fsync), then checkpoint the new
+   offsets with the index's file lengths and clear the plan (atomic rename).
+
+After a crash at any point, start-up cuts the dedup index back to the
+checkpoint and re-executes a pending plan exactly: same records, same
+filtering, same token. The group's offsets in the log are committed after
+the checkpoint, for lag reporting and retention only; the checkpoint is the
+source of truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from strata.durable import atomic_write_json, read_json
+from strata.events import now_ms
+from strata.loader.dedup import DedupIndex, hash_ids
+from strata.loader.sinks import Sink
+from strata.log.base import Consumer, Log, RecordBatch
+from strata.store import Store
+
+log = logging.getLogger("strata.loader")
+
+
+@dataclass
+class LoaderStats:
+    inserted_rows: int = 0
+    duplicate_rows: int = 0
+    batches: int = 0
+    last_insert_ms: int = 0
+    errors: int = 0
+    last_error: str = ""
+    # Highest event time seen per partition (for the status endpoint).
+    max_event_ts: dict[int, int] = field(default_factory=dict)
+
+
+class Loader:
+    GROUP = "loader"
+
+    def __init__(
+        self,
+        log: Log,
+        store: Store,
+        sink: Sink,
+        directory: Path,
+        *,
+        dedup_horizon_ms: int,
+        max_batch_events: int = 200_000,
+        max_wait_ms: int = 250,
+        partitions: list[int] | None = None,
+    ) -> None:
+        self.log = log
+        self.store = store
+        self.sink = sink
+        self.directory = directory
+        self.max_batch_events = max_batch_events
+        self.max_wait_ms = max_wait_ms
+        self.stats = LoaderStats()
+        self.checkpoint_path = directory / "checkpoint.json"
+        self.dedup = DedupIndex(directory / "dedup", dedup_horizon_ms) if sink.id_field else None
+        self.consumer: Consumer = log.consumer(f"{self.GROUP}-{sink.topic}", sink.topic)
+        all_partitions = list(range(log.partitions(sink.topic)))
+        self.consumer.assign(all_partitions if partitions is None else partitions)
+        self.offsets: dict[int, int] = {}
+        self._recover()
+
+    # -- checkpoint ----------------------------------------------------------
+    def _recover(self) -> None:
+        state = read_json(self.checkpoint_path, {}) or {}
+        self.offsets = {int(p): int(o) for p, o in state.get("offsets", {}).items()}
+        if self.dedup is not None:
+            self.dedup.load({k: int(v) for k, v in state.get("dedup", {}).items()})
+        beginning = self.log.beginning_offsets(self.sink.topic)
+        for partition in self.consumer.assignment():
+            start = max(self.offsets.get(partition, 0), beginning.get(partition, 0))
+            self.offsets[partition] = start
+            self.consumer.seek(partition, start)
+        plan = state.get("plan")
+        if plan:
+            ranges = {int(p): (int(a), int(b)) for p, (a, b) in plan.items()}
+            log.info("loader %s: re-executing pending plan %s", self.sink.topic, ranges)
+            self._execute(self._read_exactly(ranges), ranges)
+
+    def _write_checkpoint(self, plan: dict[int, tuple[int, int]] | None) -> None:
+        atomic_write_json(
+            self.checkpoint_path,
+            {
+                "offsets": {str(p): o for p, o in self.offsets.items()},
+                "plan": None if plan is None else {str(p): list(r) for p, r in plan.items()},
+                "dedup": self.dedup.lengths() if self.dedup is not None else {},
+            },
+        )
+
+    def _read_exactly(self, ranges: dict[int, tuple[int, int]]) -> list[RecordBatch]:
+        for partition, (first, _) in ranges.items():
+            self.consumer.seek(partition, first)
+        collected: dict[int, RecordBatch] = {}
+        remaining = dict(ranges)
+        deadline = time.monotonic() + 60
+        while remaining:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"loader: planned range {remaining} is no longer readable")
+            for batch in self.consumer.poll_batches(self.max_batch_events, timeout_s=0.1):
+                if batch.partition not in remaining:
+                    continue
+                first, last = ranges[batch.partition]
+                have = collected.get(batch.partition)
+                expected = first if have is None else have.last_offset + 1
+                if batch.first_offset > expected or batch.last_offset < expected:
+                    continue
+                skip = expected - batch.first_offset
+                take = min(len(batch.values) - skip, last - expected + 1)
+                values = batch.values[skip : skip + take]
+                stamps = batch.timestamps_ms[skip : skip + take]
+                if have is None:
+                    collected[batch.partition] = RecordBatch(
+                        batch.topic, batch.partition, first, list(values), list(stamps)
+                    )
+                else:
+                    have.values.extend(values)
+                    have.timestamps_ms.extend(stamps)
+                if collected[batch.partition].last_offset >= last:
+                    remaining.pop(batch.partition, None)
+        for partition, (_, last) in ranges.items():
+            self.consumer.seek(partition, last + 1)
+        return list(collected.values())
+
+    # -- one cycle -----------------------------------------------------------
+    def run_once(self, timeout_s: float | None = None) -> int:
+        """Load one micro-batch; returns the number of records consumed."""
+        wait = self.max_wait_ms / 1000 if timeout_s is None else timeout_s
+        batches = self.consumer.poll_batches(self.max_batch_events, timeout_s=wait)
+        if not batches:
+            return 0
+        merged: dict[int, RecordBatch] = {}
+        for batch in batches:
+            have = merged.get(batch.partition)
+            if have is None:
+                merged[batch.partition] = RecordBatch(
+                    batch.topic,
+                    batch.partition,
+                    batch.first_offset,
+                    list(batch.values),
+                    list(batch.timestamps_ms),
+                )
+            else:
+                have.values.extend(batch.values)
+                have.timestamps_ms.extend(batch.timestamps_ms)
+        ranges = {p: (b.first_offset, b.last_offset) for p, b in merged.items()}
+        self._write_checkpoint(ranges)
+        self._execute(list(merged.values()), ranges)
+        return sum(len(b.values) for b in merged.values())
+
+    def _execute(self, batches: list[RecordBatch], ranges: dict[int, tuple[int, int]]) -> None:
+        tables: list[pa.Table] = []
+        new_ids: list[tuple[int, np.ndarray, np.ndarray]] = []
+        duplicates = 0
+        for batch in sorted(batches, key=lambda b: b.partition):
+            table = self.sink.decode(batch.values)
+            offsets = np.arange(batch.first_offset, batch.first_offset + len(batch.values))
+            if self.dedup is not None and self.sink.id_field:
+                hashes = hash_ids(table.column(self.sink.id_field).to_pylist())
+                keep = self.dedup.first_unseen(batch.partition, hashes)
+                received = table.column(self.sink.received_field).to_numpy()
+                new_ids.append((batch.partition, hashes[keep], received[keep]))
+                kept = int(keep.sum())
+                duplicates += len(keep) - kept
+                if kept < len(keep):
+                    table = table.filter(pa.array(keep))
+                    offsets = offsets[keep]
+            if table.num_rows:
+                if "ts" in table.column_names:
+                    top = int(pc.max(table.column("ts")).as_py())
+                    seen = self.stats.max_event_ts.get(batch.partition, 0)
+                    self.stats.max_event_ts[batch.partition] = max(seen, top)
+                partition = np.full(table.num_rows, batch.partition)
+                tables.append(self.sink.finish(table, partition, offsets))
+        if tables:
+            token = self.dedup_token(ranges)
+            self.store.insert_arrow(self.sink.table, pa.concat_tables(tables), token)
+        if self.dedup is not None:
+            for partition, hashes, received in new_ids:
+                self.dedup.add(partition, hashes, received)
+            self.dedup.expire(now_ms())
+        for partition, (_, last) in ranges.items():
+            self.offsets[partition] = last + 1
+        self._write_checkpoint(None)
+        self.consumer.commit(dict(self.offsets))
+        self.stats.inserted_rows += sum(t.num_rows for t in tables)
+        self.stats.duplicate_rows += duplicates
+        self.stats.batches += 1
+        self.stats.last_insert_ms = now_ms()
+
+    def dedup_token(self, ranges: dict[int, tuple[int, int]]) -> str:
+        plan = ",".join(f"{p}:{a}-{b}" for p, (a, b) in sorted(ranges.items()))
+        return f"{self.sink.topic}/" + hashlib.sha256(plan.encode()).hexdigest()[:32]
+
+    # -- running -------------------------------------------------------------
+    def lag(self) -> int:
+        ends = self.log.end_offsets(self.sink.topic)
+        return sum(max(0, end - self.offsets.get(p, 0)) for p, end in ends.items())
+
+    def run(self, stop: threading.Event) -> None:
+        """Load until ``stop`` is set, then drain what is already in the log."""
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except Exception as exc:  # keep loading; surface through status/health
+                self.stats.errors += 1
+                self.stats.last_error = str(exc)[:500]
+                log.exception("loader %s: cycle failed; retrying", self.sink.topic)
+                stop.wait(1.0)
+                self._reset_positions()
+        while self.run_once(timeout_s=0.0):
+            pass
+
+    def _reset_positions(self) -> None:
+        """After a failed cycle: re-read from the checkpoint (a pending plan
+        is re-executed with its token, so nothing is stored twice)."""
+        self._recover()
+
+    def close(self) -> None:
+        self.consumer.close()

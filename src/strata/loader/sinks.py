@@ -1,0 +1,90 @@
+"""What the loader stores: one sink per log topic, one table per sink.
+
+A sink says how a topic's JSON records become Arrow columns of its table,
+and which field identifies a record for retry deduplication. The loader is
+the only writer of these tables (DESIGN.md: one writer per table).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.json as pa_json
+
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+
+
+@dataclass(frozen=True)
+class Sink:
+    topic: str
+    table: str
+    # Fields of the JSON records, as they are in the log. int64 fields listed
+    # in ``timestamp_fields`` are epoch milliseconds and become DateTime64.
+    schema: pa.Schema
+    id_field: str | None = None
+    received_field: str = "received_at"
+    timestamp_fields: tuple[str, ...] = ()
+    # Add the log position (_partition, _offset) as columns.
+    with_position: bool = True
+    _parse_options: pa_json.ParseOptions = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "_parse_options",
+            pa_json.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="ignore"),
+        )
+
+    def decode(self, values: list[bytes]) -> pa.Table:
+        """Parse JSON records into a table with the sink's schema."""
+        table = pa_json.read_json(
+            io.BytesIO(b"\n".join(values)),
+            read_options=pa_json.ReadOptions(block_size=1 << 24),
+            parse_options=self._parse_options,
+        )
+        return table.select(self.schema.names)
+
+    def finish(self, table: pa.Table, partition: np.ndarray, offset: np.ndarray) -> pa.Table:
+        """Cast timestamps and add the log position columns."""
+        for name in self.timestamp_fields:
+            index = table.schema.get_field_index(name)
+            table = table.set_column(index, name, table.column(name).cast(TIMESTAMP))
+        if self.with_position:
+            table = table.append_column("_partition", pa.array(partition.astype(np.uint16)))
+            table = table.append_column("_offset", pa.array(offset.astype(np.uint64)))
+        return table
+
+
+EVENTS_SINK = Sink(
+    topic="events",
+    table="events",
+    schema=pa.schema(
+        [
+            ("event_id", pa.string()),
+            ("event_type", pa.string()),
+            ("user_id", pa.string()),
+            ("anonymous_id", pa.string()),
+            ("distinct_id", pa.string()),
+            ("session_id", pa.string()),
+            ("ts", pa.int64()),
+            ("received_at", pa.int64()),
+            ("country", pa.string()),
+            ("platform", pa.string()),
+            ("os", pa.string()),
+            ("app_version", pa.string()),
+            ("path", pa.string()),
+            ("referrer", pa.string()),
+            ("revenue", pa.float64()),
+            ("currency", pa.string()),
+            ("properties", pa.string()),
+        ]
+    ),
+    id_field="event_id",
+    timestamp_fields=("ts", "received_at"),
+)
+
+# Other sinks (window_results, late, quarantine) register here.
+SINKS: dict[str, Sink] = {EVENTS_SINK.topic: EVENTS_SINK}

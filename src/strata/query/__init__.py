@@ -1,0 +1,1 @@
+"""The query layer: metrics API, sandboxed SQL, routing, caching, limits."""

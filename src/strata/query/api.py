@@ -1,0 +1,218 @@
+"""HTTP routes of the core process: SQL, metrics, status and health.
+
+Every route here authenticates a query token and checks its scope
+(``metrics``, ``sql`` or ``admin``; see strata.auth). Errors are JSON
+``{"error": "..."}`` with a 4xx status that names the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from strata.auth import Principal, bearer
+from strata.query import sandbox
+from strata.server.pipeline import Pipeline, iso
+from strata.telemetry import REGISTRY, load_snapshots
+
+log = logging.getLogger("strata.query")
+
+_json = msgspec.json.Encoder()
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _json.encode(content)
+
+
+def parse_time(value: str | None, field: str) -> int | None:
+    """ISO-8601 or epoch milliseconds -> epoch ms."""
+    if value is None or value == "":
+        return None
+    if value.lstrip("-").isdigit():
+        return int(value)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise APIError(400, f"{field}: expected ISO-8601 or epoch milliseconds") from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
+
+
+GRANULARITY_SECONDS = {"5m": 300, "1h": 3600, "1d": 86_400}
+
+
+class CoreAPI:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.config = pipeline.config
+
+    def require(self, request: Request, scope: str) -> Principal:
+        principal = self.pipeline.keyring.authenticate(bearer(request.headers))
+        if principal is None:
+            raise APIError(401, "authorization: missing or unknown query token")
+        if scope not in principal.scopes:
+            raise APIError(403, f"authorization: this token lacks the {scope!r} scope")
+        return principal
+
+    # -- SQL -----------------------------------------------------------------------
+    async def sql(self, request: Request) -> Any:
+        self.require(request, "sql")
+        body = await request.body()
+        try:
+            payload = msgspec.json.decode(body, type=dict[str, Any])
+        except msgspec.MsgspecError as exc:
+            raise APIError(400, f"body: malformed JSON: {exc}") from exc
+        text = payload.get("sql")
+        if not isinstance(text, str):
+            raise APIError(400, "sql: required, a string")
+        try:
+            tree = sandbox.check(text)
+        except sandbox.SQLRejected as exc:
+            raise APIError(400, str(exc)) from exc
+        rendered = sandbox.render(tree)
+        started = time.perf_counter()
+        q = self.config.query
+        settings = {
+            "readonly": 2,
+            "max_execution_time": q.sql_max_execution_s,
+            "max_result_rows": q.sql_max_rows,
+            "result_overflow_mode": "throw",
+            "max_memory_usage": q.sql_max_memory_bytes,
+        }
+        try:
+            columns, rows = await run_in_threadpool(
+                self.pipeline.store.query_rows, rendered, None, settings
+            )
+        except Exception as exc:
+            raise APIError(400, f"sql: query failed: {_first_line(exc)}") from exc
+        elapsed = (time.perf_counter() - started) * 1000
+        REGISTRY.observe("strata_query_seconds", elapsed / 1000, {"endpoint": "sql"})
+        return {
+            "columns": columns,
+            "rows": [list(r) for r in rows],
+            "served_from": "raw",
+            "elapsed_ms": round(elapsed, 3),
+        }
+
+    # -- metrics ---------------------------------------------------------------------
+    async def events_metric(self, request: Request) -> Any:
+        self.require(request, "metrics")
+        params = request.query_params
+        granularity = params.get("granularity", "1h")
+        if granularity not in GRANULARITY_SECONDS:
+            raise APIError(400, "granularity: expected one of 5m, 1h, 1d")
+        now = int(time.time() * 1000)
+        start = parse_time(params.get("from"), "from")
+        end = parse_time(params.get("to"), "to")
+        end = now if end is None else end
+        start = end - 86_400_000 if start is None else start
+        if start >= end:
+            raise APIError(400, "from: must be before to")
+        step = GRANULARITY_SECONDS[granularity]
+        table = "rollup_events_by_type_1d" if granularity == "1d" else "rollup_events_by_type_5m"
+        sql = (
+            "SELECT toStartOfInterval(window_start, toIntervalSecond({step:UInt32})) AS t, "
+            "event_type, countMerge(events) AS events, uniqCombinedMerge(users) AS users "
+            f"FROM {table} "
+            "WHERE window_start >= toStartOfInterval(fromUnixTimestamp64Milli({start:Int64}, 'UTC'), toIntervalSecond({step:UInt32})) "
+            "AND window_start < fromUnixTimestamp64Milli({end:Int64}, 'UTC') "
+        )
+        parameters: dict[str, Any] = {"step": step, "start": start, "end": end}
+        event_type = params.get("event_type")
+        if event_type:
+            sql += "AND event_type = {event_type:String} "
+            parameters["event_type"] = event_type
+        sql += "GROUP BY t, event_type ORDER BY t, event_type"
+        started = time.perf_counter()
+        _, rows = await run_in_threadpool(self.pipeline.store.query_rows, sql, parameters)
+        REGISTRY.observe(
+            "strata_query_seconds", time.perf_counter() - started, {"endpoint": "metrics"}
+        )
+        watermark = self.pipeline.watermark_ms()
+        return {
+            "metric": "events",
+            "granularity": granularity,
+            "from": iso(start),
+            "to": iso(end),
+            "rows": [
+                {"time": iso(int(t.replace(tzinfo=UTC).timestamp() * 1000)), "event_type": et, "events": n, "users": u}
+                for t, et, n, u in rows
+            ],
+            "complete_until": iso(watermark),
+            "served_from": f"rollup_{'1d' if granularity == '1d' else '5m'}",
+        }
+
+    # -- operations -------------------------------------------------------------------
+    async def status(self, request: Request) -> Any:
+        self.require(request, "metrics")
+        return await run_in_threadpool(self.pipeline.status)
+
+    async def healthz(self, request: Request) -> Response:
+        healthy, problems = self.pipeline.healthy()
+        return JSON({"ok": healthy, "problems": problems}, status_code=200 if healthy else 503)
+
+    async def readyz(self, request: Request) -> Response:
+        healthy, problems = self.pipeline.healthy()
+        ready = healthy and not self.pipeline.stop_event.is_set()
+        return JSON({"ready": ready, "problems": problems}, status_code=200 if ready else 503)
+
+    async def prometheus(self, request: Request) -> Response:
+        await run_in_threadpool(self.pipeline.status)  # refreshes the gauges
+        merged = REGISTRY.merged_with(load_snapshots(self.config.data_path / "run"))
+        return PlainTextResponse(merged.render(), media_type="text/plain; version=0.0.4")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line[:500]
+
+
+def json_endpoint(
+    handler: Callable[[Request], Awaitable[Any]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def run(request: Request) -> Response:
+        try:
+            result = await handler(request)
+        except APIError as exc:
+            return JSON({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.url.path)
+            return JSON({"error": "internal error"}, status_code=500)
+        if isinstance(result, Response):
+            return result
+        return JSON(result)
+
+    return run
+
+
+def core_routes(api: CoreAPI) -> list[Route]:
+    return [
+        Route("/v1/sql", json_endpoint(api.sql), methods=["POST"]),
+        Route("/v1/metrics/events", json_endpoint(api.events_metric), methods=["GET"]),
+        Route("/v1/status", json_endpoint(api.status), methods=["GET"]),
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/readyz", api.readyz, methods=["GET"]),
+        Route("/metrics", api.prometheus, methods=["GET"]),
+    ]

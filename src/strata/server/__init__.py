@@ -1,0 +1,1 @@
+"""Process roles: the supervisor (`strata serve`), ingest workers and the core."""

@@ -1,0 +1,157 @@
+"""The core process's components and their lifecycle.
+
+The core owns the store (chDB allows one process per data directory) and
+runs the loaders next to the query API. Later stages (processor, archiver,
+batch scheduler) register here too. ``status()`` is what ``/v1/status``,
+``/readyz`` and ``/metrics`` report.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from strata.auth import Keyring
+from strata.config import Config, parse_duration_ms
+from strata.loader.loader import Loader
+from strata.loader.sinks import SINKS
+from strata.log import Log, open_log
+from strata.store import Store
+from strata.telemetry import REGISTRY
+
+log = logging.getLogger("strata.core")
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Pipeline:
+    config: Config
+    log: Log
+    store: Store
+    keyring: Keyring
+    loaders: dict[str, Loader] = field(default_factory=dict)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    # Components added by other stages: name -> object with status() -> dict.
+    components: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, config: Config) -> Pipeline:
+        log_ = open_log(config)
+        store = Store.open(config)
+        pipeline = cls(config=config, log=log_, store=store, keyring=Keyring(config))
+        horizon = parse_duration_ms(config.loader.dedup_horizon)
+        for topic, sink in SINKS.items():
+            pipeline.loaders[topic] = Loader(
+                log_,
+                store,
+                sink,
+                config.data_path / "loader" / topic,
+                dedup_horizon_ms=horizon,
+                max_batch_events=config.loader.max_batch_events,
+                max_wait_ms=config.loader.max_wait_ms,
+            )
+        return pipeline
+
+    def start(self) -> None:
+        for topic, loader in self.loaders.items():
+            thread = threading.Thread(
+                target=loader.run, args=(self.stop_event,), name=f"loader-{topic}", daemon=True
+            )
+            thread.start()
+            self.threads.append(thread)
+        for name, component in self.components.items():
+            if hasattr(component, "run"):
+                thread = threading.Thread(
+                    target=component.run, args=(self.stop_event,), name=name, daemon=True
+                )
+                thread.start()
+                self.threads.append(thread)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop consuming, drain what is already in the log, release files."""
+        self.stop_event.set()
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+        for loader in self.loaders.values():
+            loader.close()
+        for component in self.components.values():
+            if hasattr(component, "close"):
+                component.close()
+        self.store.close()
+        self.log.close()
+
+    # -- reporting -------------------------------------------------------------
+    def watermark_ms(self) -> int | None:
+        processor = self.components.get("processor")
+        if processor is not None and hasattr(processor, "watermark_ms"):
+            value: int | None = processor.watermark_ms()
+            return value
+        # Without a processor: the loader's view, by the same rule (minimum
+        # over partitions of max event time minus the default out-of-orderness).
+        seen = self.loaders["events"].stats.max_event_ts if "events" in self.loaders else {}
+        if not seen:
+            return None
+        return min(seen.values()) - 30_000
+
+    def status(self) -> dict[str, Any]:
+        ends = self.log.end_offsets("events")
+        consumers: dict[str, Any] = {}
+        lag_total = 0
+        for topic, loader in self.loaders.items():
+            lag = loader.lag()
+            consumers[f"loader-{topic}"] = {
+                "committed_offsets": {str(p): o for p, o in sorted(loader.offsets.items())},
+                "lag_events": lag,
+                "inserted_rows": loader.stats.inserted_rows,
+                "duplicates_dropped": loader.stats.duplicate_rows,
+                "errors": loader.stats.errors,
+                "last_error": loader.stats.last_error or None,
+            }
+            lag_total += lag
+            REGISTRY.set("strata_log_lag_events", lag, {"consumer": f"loader-{topic}"})
+        for name, component in self.components.items():
+            if hasattr(component, "status"):
+                info = component.status()
+                consumers[name] = info
+                lag_total += int(info.get("lag_events", 0))
+        watermark = self.watermark_ms()
+        now = time.time() * 1000
+        if watermark is not None:
+            REGISTRY.set("strata_watermark_delay_seconds", max(0.0, (now - watermark) / 1000))
+        REGISTRY.set("strata_log_end_offset", sum(ends.values()), {"topic": "events"})
+        return {
+            "lag_events": lag_total,
+            "watermark": iso(watermark),
+            "log": {
+                "backend": self.config.log.backend,
+                "end_offsets": {str(p): o for p, o in sorted(ends.items())},
+                "beginning_offsets": {
+                    str(p): o for p, o in sorted(self.log.beginning_offsets("events").items())
+                },
+            },
+            "consumers": consumers,
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }
+
+    def healthy(self) -> tuple[bool, list[str]]:
+        problems = []
+        for topic, loader in self.loaders.items():
+            if loader.stats.errors and loader.stats.last_error:
+                if time.time() * 1000 - loader.stats.last_insert_ms > 30_000:
+                    problems.append(f"loader {topic}: {loader.stats.last_error}")
+        for thread in self.threads:
+            if not thread.is_alive() and not self.stop_event.is_set():
+                problems.append(f"thread {thread.name} stopped")
+        return not problems, problems

@@ -1,0 +1,143 @@
+"""An ingest worker process of `strata serve`.
+
+It serves ``/v1/batch`` and ``/v1/track`` itself (appending to the log with
+its own group commit) and forwards every other request to the core process
+over its Unix socket, so all of strata sits behind one base URL. Several
+workers accept on the same listening socket; the kernel spreads connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import threading
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from strata.auth import Keyring
+from strata.ingest.app import IngestService, ingest_routes
+from strata.ingest.committer import GroupCommitter
+from strata.log import open_log
+from strata.logs import setup_logging
+from strata.server.process import core_socket, die_with_parent, read_resolved_config, run_dir
+from strata.telemetry import REGISTRY
+
+log = logging.getLogger("strata.worker")
+
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+}
+
+# Other stages add ingest-side routes here: functions (service) -> routes.
+EXTRA_INGEST_ROUTES: list = []
+
+
+class CoreProxy:
+    def __init__(self, socket_path: str) -> None:
+        self.client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=socket_path),
+            base_url="http://core",
+            timeout=httpx.Timeout(120.0, connect=5.0),
+        )
+
+    async def forward(self, request: Request) -> Response:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        headers.append(("x-forwarded-for", request.client.host if request.client else ""))
+        try:
+            upstream = await self.client.request(
+                request.method,
+                request.url.path,
+                params=request.url.query,
+                headers=headers,
+                content=await request.body(),
+            )
+        except httpx.HTTPError as exc:
+            log.warning("core unreachable: %s", exc)
+            return JSONResponse(
+                {"error": "core process unavailable; retry shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+        response_headers = {
+            k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP | {"content-encoding"}
+        }
+        return Response(upstream.content, status_code=upstream.status_code, headers=response_headers)
+
+
+def build_app(service: IngestService, proxy: CoreProxy) -> Starlette:
+    routes: list[BaseRoute] = list(ingest_routes(service))
+    for factory in EXTRA_INGEST_ROUTES:
+        routes.extend(factory(service))
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+    routes.append(Route("/{path:path}", proxy.forward, methods=methods))
+    return Starlette(routes=routes)
+
+
+def _snapshot_loop(path: os.PathLike[str], stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        try:
+            REGISTRY.write_snapshot(path)  # type: ignore[arg-type]
+        except OSError:
+            log.warning("could not write metrics snapshot", exc_info=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="strata-worker")
+    parser.add_argument("--resolved-config", required=True)
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    die_with_parent()
+    setup_logging(f"ingest-{args.index}")
+    config = read_resolved_config(args.resolved_config)
+    log_ = open_log(config, create_topics=False)
+    committer = GroupCommitter(log_)
+    service = IngestService(config, committer, Keyring(config))
+    proxy = CoreProxy(str(core_socket(config)))
+    stop = threading.Event()
+    threading.Thread(
+        target=_snapshot_loop,
+        args=(run_dir(config) / f"metrics-ingest-{args.index}.json", stop),
+        daemon=True,
+    ).start()
+    sock = socket.socket(fileno=args.fd)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_app(service, proxy),
+            log_level="warning",
+            access_log=False,
+            loop="auto",
+            http="auto",
+            timeout_keep_alive=30,
+            limit_concurrency=2000,
+            h11_max_incomplete_event_size=64 * 1024,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        stop.set()
+        committer.close()
+        log_.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""DDL rendering: the `.sql` files in this folder, filled with the values
+they cannot bind (TTL lengths from the config, per-metric rollup columns).
+
+Only values from the validated config and compiled metric definitions are
+substituted; nothing from a request ever reaches DDL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from importlib import resources
+
+from strata.metrics import Metric
+
+GRANULARITIES = {
+    # name: (bucket expression over ts, partition key, seconds per bucket)
+    "5m": ("toDateTime(toStartOfFiveMinutes(ts), 'UTC')", "toYYYYMMDD(window_start)", 300),
+    "1d": ("toDateTime(toStartOfDay(ts), 'UTC')", "toYYYYMM(window_start)", 86_400),
+}
+
+
+def sql_file(name: str) -> str:
+    return resources.files("strata.store").joinpath("sql", name).read_text()
+
+
+def statements(text: str) -> Iterator[str]:
+    """Split a .sql file into statements; comments and blank lines dropped."""
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
+    for statement in "\n".join(lines).split(";"):
+        if statement.strip():
+            yield statement.strip()
+
+
+def base_statements(*, raw_ttl_seconds: int) -> list[str]:
+    """The static tables, in file order (001_*.sql, 002_*.sql, ...)."""
+    out: list[str] = []
+    names = sorted(
+        entry.name
+        for entry in resources.files("strata.store").joinpath("sql").iterdir()
+        if entry.name[:3].isdigit() and entry.name.endswith(".sql")
+    )
+    for name in names:
+        text = sql_file(name).replace("{raw_ttl_seconds}", str(int(raw_ttl_seconds)))
+        out.extend(statements(text))
+    return out
+
+
+def rollup_statements(
+    metric: Metric, granularity: str, *, rollup_5m_ttl_seconds: int
+) -> list[str]:
+    bucket, partition_by, _ = GRANULARITIES[granularity]
+    table = metric.rollup_table(granularity)
+    ttl = (
+        f"TTL window_start + INTERVAL {int(rollup_5m_ttl_seconds)} SECOND"
+        if granularity == "5m"
+        else ""
+    )
+    text = sql_file("rollup.sql").format(
+        table=table,
+        view=f"mv_{metric.name}_{granularity}",
+        dimension_columns="".join(f"{d} LowCardinality(String),\n    " for d in metric.dimensions),
+        state_columns=",\n    ".join(f"{a.alias} {a.state_type}" for a in metric.aggregations),
+        partition_by=partition_by,
+        dimension_keys="".join(f", {d}" for d in metric.dimensions),
+        ttl=ttl,
+        bucket=bucket,
+        dimension_selects="".join(f"events.{d} AS {d},\n    " for d in metric.dimensions),
+        state_selects=",\n    ".join(
+            f"{a.state_expression} AS {a.alias}" for a in metric.aggregations
+        ),
+        filter=metric.qualified_filter_sql("events"),
+    )
+    return list(statements(text))
+
+
+def all_statements(
+    metrics: Sequence[Metric], *, raw_ttl_seconds: int, rollup_5m_ttl_seconds: int
+) -> list[str]:
+    out = base_statements(raw_ttl_seconds=raw_ttl_seconds)
+    for metric in metrics:
+        for granularity in GRANULARITIES:
+            out.extend(
+                rollup_statements(
+                    metric, granularity, rollup_5m_ttl_seconds=rollup_5m_ttl_seconds
+                )
+            )
+    return out
