@@ -15,7 +15,9 @@ from strata.metrics import Metric
 GRANULARITIES = {
     # name: (bucket expression over ts, partition key, seconds per bucket)
     "5m": ("toDateTime(toStartOfFiveMinutes(ts), 'UTC')", "toYYYYMMDD(window_start)", 300),
-    "1d": ("toDateTime(toStartOfDay(ts), 'UTC')", "toYYYYMM(window_start)", 86_400),
+    # Daily rollups are partitioned by day too, so the batch job can replace
+    # one day atomically (docs/decisions/030-daily-rollup-partitions.md).
+    "1d": ("toDateTime(toStartOfDay(ts), 'UTC')", "toYYYYMMDD(window_start)", 86_400),
 }
 
 

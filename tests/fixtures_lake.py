@@ -1,0 +1,115 @@
+"""Helpers for the lake, batch, retention and delete-user tests: real embedded
+logs, real chDB stores in tmp dirs, a real S3-protocol server (moto) on loopback."""
+
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from strata.config import Config, load_config
+from strata.events import EventRecord, partition_for
+
+DAY_MS = 86_400_000
+COUNTRIES = ["DE", "FR", "US", "BR", "JP"]
+TYPES = ["page_view", "click", "purchase", "signup"]
+_encoder = msgspec.json.Encoder()
+
+
+def day_start_ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def make_events(
+    count: int,
+    *,
+    start_ms: int,
+    span_ms: int = DAY_MS,
+    users: int = 50,
+    seed: int = 1,
+    prefix: str = "e",
+    received_delay_ms: int = 1000,
+) -> list[EventRecord]:
+    """Deterministic events with event time in [start_ms, start_ms + span_ms)."""
+    rng = random.Random(seed)
+    out = []
+    for index in range(count):
+        ts = start_ms + rng.randrange(span_ms)
+        event_type = rng.choice(TYPES)
+        user = f"u{rng.randrange(users)}"
+        anonymous = rng.random() < 0.2
+        out.append(
+            EventRecord(
+                event_id=f"{prefix}{seed}-{index}",
+                event_type=event_type,
+                user_id="" if anonymous else user,
+                anonymous_id=f"a-{user}" if anonymous else "",
+                distinct_id=f"a-{user}" if anonymous else user,
+                session_id=f"s{rng.randrange(100)}",
+                ts=ts,
+                received_at=ts + received_delay_ms,
+                country=rng.choice(COUNTRIES),
+                platform="web",
+                os="linux",
+                app_version="1.0",
+                path=f"/p/{rng.randrange(20)}",
+                referrer="",
+                revenue=round(rng.uniform(1, 100), 2) if event_type == "purchase" else 0.0,
+                currency="EUR" if event_type == "purchase" else "",
+                properties='{"k": 1}',
+            )
+        )
+    return out
+
+
+def produce(log: Any, events: list[EventRecord], partitions: int) -> None:
+    """Append ``events`` to topic ``events`` the way ingest does."""
+    producer = log.producer()
+    for event in events:
+        partition = partition_for(event.distinct_id, event.event_id, partitions)
+        producer.produce("events", partition, None, _encoder.encode(event))
+    producer.flush()
+    producer.close()
+
+
+def config_for(tmp: Path, **overrides: Any) -> Config:
+    values: dict[str, Any] = {"data_dir": str(tmp), "log.partitions": 4, "log.fsync": "never"}
+    values.update(overrides)
+    return load_config(overrides=values, environ={})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def moto_s3() -> Iterator[str]:
+    """A real S3-protocol server on loopback; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def create_bucket(endpoint: str, bucket: str) -> None:
+    import pyarrow.fs as pafs
+
+    host = endpoint.split("://", 1)[1]
+    filesystem = pafs.S3FileSystem(
+        endpoint_override=host, scheme="http", access_key="testing", secret_key="testing",
+        region="us-east-1",
+    )
+    filesystem.create_dir(bucket)
