@@ -121,7 +121,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
         return _fail(f"sql: cannot reach {url}: {exc}")
     payload = response.json()
     if response.status_code != 200:
-        return _fail(f"sql: {payload.get('error', response.text)}", 1)
+        return _fail(str(payload.get("error", response.text)), 1)
     if args.json:
         print(json.dumps(payload, default=str))
         return 0
