@@ -121,6 +121,14 @@ class LakeConfig(_Section):
     s3_region: str = "us-east-1"
     roll_bytes: int = 64 * 2**20
     roll_interval: str = "60s"
+    # Archiver: records per log poll (a roll happens after a poll, so this
+    # also bounds how far a buffer can overshoot roll_bytes).
+    poll_events: int = 50_000
+    # Nightly batch: recompute day D once D has closed plus the largest
+    # allowed lateness plus this margin (time for the archiver to catch up).
+    batch_delay: str = "30m"
+    # How often `strata serve` applies the retention policy.
+    retention_interval: str = "1h"
 
 
 class QueryConfig(_Section):
@@ -286,6 +294,9 @@ def validate_config(config: Config) -> None:
         ("loader.dedup_horizon", config.loader.dedup_horizon),
         ("query.cache_ttl", config.query.cache_ttl),
         ("lake.hot_retention", config.lake.hot_retention),
+        ("lake.roll_interval", config.lake.roll_interval),
+        ("lake.batch_delay", config.lake.batch_delay),
+        ("lake.retention_interval", config.lake.retention_interval),
         ("processor.early_firing_interval", config.processor.early_firing_interval),
         ("processor.idle_partition_timeout", config.processor.idle_partition_timeout),
     ):
