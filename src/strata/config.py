@@ -150,6 +150,16 @@ class AuthConfig(_Section):
     admin_tokens: list[str] = []  # scopes: metrics, sql, admin
 
 
+class SchemasConfig(_Section):
+    # What ingest does with an event whose event_type has no registered
+    # schema, once the registry holds any schema (docs/ingest.md): "accept",
+    # "reject" (per-event 4xx reason) or "quarantine" (stored in the
+    # quarantine table, replayable with `strata quarantine replay`).
+    policy: Literal["accept", "reject", "quarantine"] = "quarantine"
+    # Compatibility mode of a new subject: BACKWARD, FORWARD, FULL or NONE.
+    default_mode: Literal["BACKWARD", "FORWARD", "FULL", "NONE"] = "BACKWARD"
+
+
 class MetricConfig(_Section):
     name: str
     filter: str = ""
@@ -205,6 +215,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     lake: LakeConfig = msgspec.field(default_factory=LakeConfig)
     query: QueryConfig = msgspec.field(default_factory=QueryConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    schemas: SchemasConfig = msgspec.field(default_factory=SchemasConfig)
     metrics: list[MetricConfig] = msgspec.field(default_factory=default_metrics)
 
     @property

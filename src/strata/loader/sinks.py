@@ -86,5 +86,47 @@ EVENTS_SINK = Sink(
     timestamp_fields=("ts", "received_at"),
 )
 
-# Other sinks (window_results, late, quarantine) register here.
-SINKS: dict[str, Sink] = {EVENTS_SINK.topic: EVENTS_SINK}
+# Events the schema registry quarantined (strata.schemas, docs/ingest.md).
+QUARANTINE_SINK = Sink(
+    topic="quarantine",
+    table="quarantine",
+    schema=pa.schema(
+        [
+            ("event_id", pa.string()),
+            ("event_type", pa.string()),
+            ("distinct_id", pa.string()),
+            ("ts", pa.int64()),
+            ("received_at", pa.int64()),
+            ("reason", pa.string()),
+            ("event", pa.string()),
+        ]
+    ),
+    id_field="event_id",
+    timestamp_fields=("ts", "received_at"),
+)
+
+# Traits of Segment-style `identify` calls (strata.ingest.segment).
+IDENTITIES_SINK = Sink(
+    topic="identities",
+    table="identities",
+    schema=pa.schema(
+        [
+            ("event_id", pa.string()),
+            ("user_id", pa.string()),
+            ("anonymous_id", pa.string()),
+            ("distinct_id", pa.string()),
+            ("traits", pa.string()),
+            ("ts", pa.int64()),
+            ("received_at", pa.int64()),
+        ]
+    ),
+    id_field="event_id",
+    timestamp_fields=("ts", "received_at"),
+)
+
+# Other sinks (window_results, late) register here.
+SINKS: dict[str, Sink] = {
+    EVENTS_SINK.topic: EVENTS_SINK,
+    QUARANTINE_SINK.topic: QUARANTINE_SINK,
+    IDENTITIES_SINK.topic: IDENTITIES_SINK,
+}

@@ -18,7 +18,7 @@ from strata.log.base import (
     RetentionReport,
 )
 
-TOPICS = ("events", "window_results", "late")
+TOPICS = ("events", "window_results", "late", "quarantine", "identities")
 
 __all__ = [
     "TOPICS",

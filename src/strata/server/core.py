@@ -27,6 +27,9 @@ EXTRA_ROUTES: list = []
 
 def build_app(pipeline: Pipeline) -> Starlette:
     routes: list[BaseRoute] = list(core_routes(CoreAPI(pipeline)))
+    from strata.schemas.api import schema_routes
+
+    routes.extend(schema_routes(pipeline))
     for factory in EXTRA_ROUTES:
         routes.extend(factory(pipeline))
 
