@@ -131,6 +131,13 @@ class LakeConfig(_Section):
     retention_interval: str = "1h"
 
 
+class UserLimitConfig(_Section):
+    # Per-user overrides of the [query] rate limits; 0 keeps the default.
+    rate_limit_per_minute: int = 0
+    rate_limit_burst: int = 0
+    max_concurrent_heavy: int = 0
+
+
 class QueryConfig(_Section):
     cache_ttl: str = "60s"
     open_range_cache_ttl: str = "2s"
@@ -140,6 +147,13 @@ class QueryConfig(_Section):
     rate_limit_per_minute: int = 600
     rate_limit_burst: int = 120
     max_concurrent_heavy: int = 2
+    # Result cache and rate limits: "memory" (one process) or "redis" (shared
+    # by every API process). redis_url empty: serving.redis_url.
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = ""
+    cache_max_entries: int = 10_000
+    # [query.user_limits.<user>]: per-user rate limits (docs/query.md).
+    user_limits: dict[str, UserLimitConfig] = {}
 
 
 class AuthConfig(_Section):
@@ -292,6 +306,9 @@ def validate_config(config: Config) -> None:
         ("ingest.max_body_bytes", config.ingest.max_body_bytes >= 1024),
         ("ingest.hot_key_salt_buckets", config.ingest.hot_key_salt_buckets >= 1),
         ("loader.max_batch_events", config.loader.max_batch_events >= 1),
+        ("query.rate_limit_per_minute", config.query.rate_limit_per_minute >= 1),
+        ("query.rate_limit_burst", config.query.rate_limit_burst >= 1),
+        ("query.max_concurrent_heavy", config.query.max_concurrent_heavy >= 1),
     ]
     for field, ok in checks:
         if not ok:
@@ -304,6 +321,7 @@ def validate_config(config: Config) -> None:
         ("store.rollup_5m_ttl", config.store.rollup_5m_ttl),
         ("loader.dedup_horizon", config.loader.dedup_horizon),
         ("query.cache_ttl", config.query.cache_ttl),
+        ("query.open_range_cache_ttl", config.query.open_range_cache_ttl),
         ("lake.hot_retention", config.lake.hot_retention),
         ("lake.roll_interval", config.lake.roll_interval),
         ("lake.batch_delay", config.lake.batch_delay),
