@@ -174,6 +174,16 @@ class SchemasConfig(_Section):
     default_mode: Literal["BACKWARD", "FORWARD", "FULL", "NONE"] = "BACKWARD"
 
 
+class DashboardConfig(_Section):
+    # How often the page re-reads the live path (metrics API, /v1/status,
+    # /metrics); the page's refresh picker starts here.
+    refresh_interval: str = "5s"
+    # The funnel panel's default steps (editable on the page).
+    funnel_steps: list[str] = msgspec.field(
+        default_factory=lambda: ["page_view", "signup", "add_to_cart", "purchase"]
+    )
+
+
 class MetricConfig(_Section):
     name: str
     filter: str = ""
@@ -230,6 +240,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     query: QueryConfig = msgspec.field(default_factory=QueryConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     schemas: SchemasConfig = msgspec.field(default_factory=SchemasConfig)
+    dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     metrics: list[MetricConfig] = msgspec.field(default_factory=default_metrics)
 
     @property
@@ -328,6 +339,7 @@ def validate_config(config: Config) -> None:
         ("lake.retention_interval", config.lake.retention_interval),
         ("processor.early_firing_interval", config.processor.early_firing_interval),
         ("processor.idle_partition_timeout", config.processor.idle_partition_timeout),
+        ("dashboard.refresh_interval", config.dashboard.refresh_interval),
     ):
         parse_duration_ms(value, field)
     if parse_duration_ms(config.loader.dedup_horizon) < 86_400_000:
