@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("--scopes", default="metrics,sql")
     p.set_defaults(func=cmd_keys)
+
+    from strata.schemas.cli import add_commands as add_schema_commands
+
+    add_schema_commands(sub, common)
     return parser
 
 
