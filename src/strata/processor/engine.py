@@ -1,0 +1,627 @@
+"""The windowing engine: event-time windows over Arrow micro-batches.
+
+Pure computation, no I/O: the runner (``strata.processor.runner``) feeds it
+batches read from the log and ships what it returns. Semantics
+(docs/semantics.md, "Stream processor"):
+
+* Every metric has tumbling (or hopping: size + slide) windows [start, end).
+* Watermark. Per partition the engine keeps the maximum event time seen
+  (over all events, filtered or not). The processor watermark of a metric is
+  ``min over active partitions (max event time) - out_of_orderness``, never
+  decreasing. A partition is *active* while it delivered a record within
+  ``idle_timeout_ms`` of wall clock (``now_ms`` passed in by the caller); an
+  assigned partition that has never delivered one holds the watermark back
+  until that timeout has passed since the engine started. When every
+  partition is idle, the watermark is ``max over partitions - ooo`` (all
+  that was read has been processed).
+* A window is *final* once ``watermark >= end + allowed_lateness``; it then
+  fires once (``Step.finals``) and its groups are frozen.
+* Late data. An event is late for a window when that window was already
+  final *before the event arrived*. The engine evaluates this per event,
+  with the watermark as it stood just before that event (a running maximum
+  inside the batch), so results do not depend on how the stream was cut
+  into batches: only on the order of arrival. A late event goes to
+  ``Step.late``; if the window is still held (``retention_ms`` of event time
+  past its final firing) the group is updated, its ``revision`` incremented
+  and the range reported in ``Step.revised``.
+* Early firings: every group changed since the last ``take_dirty`` call.
+
+All work per batch is numpy / pyarrow.compute over whole columns; Python
+loops run per group (window x dimension values), never per event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from strata.config import ConfigError
+from strata.metrics import Metric
+from strata.processor.filters import Mask, compile_filter
+from strata.serving.state import (
+    EXACT_LIMIT,
+    HLL_M,
+    UniqSketch,
+    WindowState,
+    hash_strings,
+    hll_positions,
+)
+
+NO_TIME = -(2**62)  # "no event yet"; far from int64 limits so subtraction is safe
+FAR_FUTURE = 2**62
+_DENSE_LIMIT = 1 << 22
+
+
+class GroupState:
+    """The aggregation state of one (window, dims) group."""
+
+    __slots__ = ("count", "values", "final", "revision")
+
+    def __init__(self, count: int, values: list[Any], final: bool, revision: int) -> None:
+        self.count = count
+        self.values = values
+        self.final = final
+        self.revision = revision
+
+
+@dataclass
+class _Slot:
+    """One window of one metric and its groups by dimension values."""
+
+    final: bool = False
+    groups: dict[tuple[str, ...], GroupState] = field(default_factory=dict)
+
+
+@dataclass
+class LateEvent:
+    """One event that arrived after its window was final (topic ``late``)."""
+
+    id: str
+    metric: str
+    event_id: str
+    event_type: str
+    distinct_id: str
+    ts: int
+    received_at: int
+    window_start: int
+    window_end: int
+    watermark: int
+    partition: int
+    offset: int
+    window_held: bool
+
+
+@dataclass
+class Step:
+    """What one call changed; the runner ships it."""
+
+    finals: list[WindowState] = field(default_factory=list)
+    late: list[LateEvent] = field(default_factory=list)
+    revised: list[tuple[str, int, int]] = field(default_factory=list)
+    evicted: list[tuple[str, str, int, tuple[str, ...]]] = field(default_factory=list)
+
+    def extend(self, other: Step) -> None:
+        self.finals.extend(other.finals)
+        self.late.extend(other.late)
+        self.revised.extend(other.revised)
+        self.evicted.extend(other.evicted)
+
+    def __bool__(self) -> bool:
+        return bool(self.finals or self.late or self.revised or self.evicted)
+
+
+class _MetricRuntime:
+    def __init__(self, metric: Metric) -> None:
+        self.metric = metric
+        try:
+            self.mask: Mask | None = compile_filter(metric.filter)
+        except ValueError as exc:
+            raise ConfigError(f"metric {metric.name!r}: field 'filter': {exc}") from exc
+        self.watermark = NO_TIME
+        self.slots: dict[int, _Slot] = {}
+        self.dirty: set[tuple[int, tuple[str, ...]]] = set()
+
+
+def window_result_id(metric: str, shard: str, window_start: int, dims: Sequence[str]) -> str:
+    """Deterministic id of a final window result (the loader drops replays)."""
+    text = f"{metric}|{shard}|{window_start}|{json.dumps(list(dims))}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class WindowEngine:
+    """Windows for a set of metrics over the partitions one processor owns.
+
+    Contract: ``process`` and ``advance`` are deterministic functions of the
+    engine state and their arguments (including ``now_ms``), so replaying the
+    same calls after ``restore`` reproduces the same ``Step`` outputs. Not
+    thread-safe; the runner serializes calls.
+    """
+
+    def __init__(
+        self,
+        metrics: Sequence[Metric],
+        *,
+        partitions: Sequence[int],
+        idle_timeout_ms: int,
+        retention_ms: int,
+        now_ms: int,
+        shard: str = "all",
+    ) -> None:
+        self.metrics = [_MetricRuntime(m) for m in metrics]
+        self.by_name = {rt.metric.name: rt for rt in self.metrics}
+        self.partitions = sorted(partitions)
+        self.idle_timeout_ms = idle_timeout_ms
+        self.retention_ms = retention_ms
+        self.shard = shard
+        self.max_ts: dict[int, int] = {p: NO_TIME for p in self.partitions}
+        self.last_active: dict[int, int] = {p: now_ms for p in self.partitions}
+        usage: dict[str, int] = {}
+        for rt in self.metrics:
+            for aggregation in rt.metric.aggregations:
+                if aggregation.function == "uniq" and aggregation.column:
+                    usage[aggregation.column] = usage.get(aggregation.column, 0) + 1
+        self._shared_hash_columns = {c for c, n in usage.items() if n > 1}
+
+    # -- watermarks ------------------------------------------------------------------------
+    def _active(self, now_ms: int) -> list[int]:
+        return [p for p in self.partitions if now_ms - self.last_active[p] < self.idle_timeout_ms]
+
+    def _combined(self, now_ms: int) -> int:
+        active = self._active(now_ms)
+        if active:
+            return min(self.max_ts[p] for p in active)
+        return max(self.max_ts.values(), default=NO_TIME)
+
+    def watermark_ms(self, metric: str | None = None) -> int | None:
+        """The watermark of ``metric``, or the minimum over metrics."""
+        runtimes = [self.by_name[metric]] if metric else self.metrics
+        value = min((rt.watermark for rt in runtimes), default=NO_TIME)
+        return None if value <= NO_TIME // 2 else value
+
+    # -- input ----------------------------------------------------------------------------
+    def process(
+        self, partition: int, table: pa.Table, now_ms: int, first_offset: int = 0
+    ) -> Step:
+        """Add one run of records of ``partition``, in arrival order.
+
+        ``table`` has the event columns of ``strata.loader.sinks.EVENTS_SINK``.
+        Returns final firings, late events, revisions and evictions caused by
+        this batch (including the watermark advance at its end)."""
+        step = Step()
+        n = table.num_rows
+        if n == 0:
+            return step
+        self.last_active[partition] = now_ms
+        ts = table.column("ts").to_numpy()
+        if ts.dtype != np.int64:
+            ts = ts.astype(np.int64)
+        others = min(
+            (self.max_ts[p] for p in self._active(now_ms) if p != partition), default=FAR_FUTURE
+        )
+        # Max event time of the partition *before* each event.
+        prefix = np.empty(n, dtype=np.int64)
+        prefix[0] = self.max_ts[partition]
+        if n > 1:
+            np.maximum.accumulate(ts[:-1], out=prefix[1:])
+            np.maximum(prefix[1:], self.max_ts[partition], out=prefix[1:])
+        combined_before = np.minimum(prefix, others)
+        cache: dict[str, Any] = {}
+        pending_late = []
+        for rt in self.metrics:
+            late = self._process_metric(rt, table, ts, combined_before, cache)
+            if late is not None:
+                pending_late.append((rt, late))
+        self.max_ts[partition] = max(self.max_ts[partition], int(ts.max()))
+        # Same order as one event at a time: on-time events are in, windows
+        # fire, then late events revise the (frozen) final windows.
+        self._update_watermarks(now_ms)
+        for rt in self.metrics:
+            self._fire(rt, step)
+        for rt, (rows, starts, watermarks) in pending_late:
+            metric = rt.metric
+            done = metric.window_ms + metric.allowed_lateness_ms
+            held = starts + done + self.retention_ms > watermarks
+            self._late(rt, table, partition, first_offset, rows, starts, watermarks, held, step)
+            if held.any():
+                self._aggregate(rt, table, rows[held], starts[held], cache, late=True)
+                for start in np.unique(starts[held]).tolist():
+                    step.revised.append((metric.name, start, start + metric.window_ms))
+        for rt in self.metrics:
+            self._evict(rt, step)
+        return step
+
+    def _process_metric(
+        self,
+        rt: _MetricRuntime,
+        table: pa.Table,
+        ts: np.ndarray,
+        combined_before: np.ndarray,
+        cache: dict[str, Any],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Aggregate the on-time events; return the late (rows, window
+        starts, watermark at arrival), or None."""
+        metric = rt.metric
+        if rt.mask is None:
+            rows = np.arange(table.num_rows)
+        else:
+            rows = np.flatnonzero(rt.mask(table))
+            if rows.size == 0:
+                return None
+        size, slide = metric.window_ms, metric.slide_ms
+        lateness = metric.allowed_lateness_ms
+        watermark_before = np.maximum(
+            combined_before[rows] - metric.out_of_orderness_ms, rt.watermark
+        )
+        last_start = ts[rows] // slide * slide
+        per_event = size // slide
+        if per_event > 1:
+            starts = np.repeat(last_start, per_event) - np.tile(
+                np.arange(per_event) * slide, len(rows)
+            )
+            rows = np.repeat(rows, per_event)
+            watermark_before = np.repeat(watermark_before, per_event)
+        else:
+            starts = last_start
+        late = starts + size + lateness <= watermark_before
+        result = None
+        if late.any():
+            result = (rows[late], starts[late], watermark_before[late])
+            on_time = ~late
+            rows, starts = rows[on_time], starts[on_time]
+        if rows.size:
+            self._aggregate(rt, table, rows, starts, cache, late=False)
+        return result
+
+    def _late(
+        self,
+        rt: _MetricRuntime,
+        table: pa.Table,
+        partition: int,
+        first_offset: int,
+        rows: np.ndarray,
+        starts: np.ndarray,
+        watermarks: np.ndarray,
+        held: np.ndarray,
+        step: Step,
+    ) -> None:
+        """Side-output records; a Python loop over late events only (rare)."""
+        metric = rt.metric
+        taken = table.select(["event_id", "event_type", "distinct_id", "ts", "received_at"]).take(rows)
+        columns = {name: taken.column(name).to_pylist() for name in taken.column_names}
+        for i in range(len(rows)):
+            start = int(starts[i])
+            event_id = columns["event_id"][i] or ""
+            suffix = "" if metric.slide_ms == metric.window_ms else f"|{start}"
+            step.late.append(
+                LateEvent(
+                    id=f"{event_id}|{metric.name}{suffix}",
+                    metric=metric.name,
+                    event_id=event_id,
+                    event_type=columns["event_type"][i] or "",
+                    distinct_id=columns["distinct_id"][i] or "",
+                    ts=int(columns["ts"][i]),
+                    received_at=int(columns["received_at"][i] or 0),
+                    window_start=start,
+                    window_end=start + metric.window_ms,
+                    watermark=int(watermarks[i]),
+                    partition=partition,
+                    offset=first_offset + int(rows[i]),
+                    window_held=bool(held[i]),
+                )
+            )
+
+    def _hashes(self, table: pa.Table, column: str, rows: np.ndarray, cache: dict[str, Any]) -> np.ndarray:
+        if column in self._shared_hash_columns:
+            key = f"hash:{column}"
+            if key not in cache:
+                cache[key] = hash_strings(table.column(column))
+            return cache[key][rows]
+        return hash_strings(table.column(column).take(rows))
+
+    def _codes(self, table: pa.Table, column: str, cache: dict[str, Any]) -> tuple[np.ndarray, pa.Array]:
+        key = f"dict:{column}"
+        if key not in cache:
+            encoded = pc.dictionary_encode(pc.fill_null(table.column(column), "")).combine_chunks()
+            cache[key] = (encoded.indices.to_numpy().astype(np.int64), encoded.dictionary)
+        codes, dictionary = cache[key]
+        return codes, dictionary
+
+    def _aggregate(
+        self,
+        rt: _MetricRuntime,
+        table: pa.Table,
+        rows: np.ndarray,
+        starts: np.ndarray,
+        cache: dict[str, Any],
+        *,
+        late: bool,
+    ) -> None:
+        metric = rt.metric
+        n = len(rows)
+        base = int(starts.min())
+        code = (starts - base) // metric.slide_ms
+        space = int(code.max()) + 1
+        dim_codes: list[tuple[np.ndarray, pa.Array]] = []
+        for dimension in metric.dimensions:
+            codes, dictionary = self._codes(table, dimension, cache)
+            picked = codes[rows]
+            dim_codes.append((picked, dictionary))
+            width = max(len(dictionary), 1)
+            if space * width > _DENSE_LIMIT:
+                _, code = np.unique(code, return_inverse=True)
+                space = int(code.max()) + 1
+            code = code * width + picked
+            space *= width
+        if space <= _DENSE_LIMIT:
+            counts_all = np.bincount(code, minlength=space)
+            present = np.flatnonzero(counts_all)
+            lookup = np.empty(space, dtype=np.int64)
+            lookup[present] = np.arange(len(present))
+            group_ids = lookup[code]
+            counts = counts_all[present]
+        else:
+            _, group_ids, counts = np.unique(code, return_inverse=True, return_counts=True)
+        groups = len(counts)
+        first = np.full(groups, n, dtype=np.int64)
+        np.minimum.at(first, group_ids, np.arange(n))
+        group_starts = starts[first].tolist()
+        group_dims = [
+            dictionary.take(pa.array(picked[first])).to_pylist() for picked, dictionary in dim_codes
+        ]
+        keys = [
+            (group_starts[g], tuple(str(d[g]) for d in group_dims)) for g in range(groups)
+        ]
+        partials: list[Any] = []
+        for aggregation in metric.aggregations:
+            function = aggregation.function
+            if function == "count":
+                partials.append(None)
+                continue
+            if function == "uniq":
+                assert aggregation.column is not None
+                partials.append(self._hashes(table, aggregation.column, rows, cache))
+                continue
+            assert aggregation.column is not None
+            values = table.column(aggregation.column).to_numpy().astype(np.float64)[rows]
+            if function in ("sum", "avg"):
+                partials.append(np.bincount(group_ids, weights=values, minlength=groups))
+            elif function == "min":
+                out = np.full(groups, np.inf)
+                np.minimum.at(out, group_ids, values)
+                partials.append(out)
+            else:
+                out = np.full(groups, -np.inf)
+                np.maximum.at(out, group_ids, values)
+                partials.append(out)
+        # Merge the partial aggregates into the held groups.
+        states: list[GroupState] = []
+        for g, (start, dims) in enumerate(keys):
+            slot = rt.slots.get(start)
+            if slot is None:
+                slot = rt.slots[start] = _Slot(final=late)
+            state = slot.groups.get(dims)
+            if state is None:
+                values_init: list[Any] = []
+                for aggregation in metric.aggregations:
+                    function = aggregation.function
+                    values_init.append(
+                        UniqSketch() if function == "uniq" else None if function == "count" else
+                        (0.0 if function in ("sum", "avg") else None)
+                    )
+                state = slot.groups[dims] = GroupState(0, values_init, final=late, revision=0)
+            state.count += int(counts[g])
+            if late:
+                state.revision += int(counts[g])
+            rt.dirty.add((start, dims))
+            states.append(state)
+        for i, aggregation in enumerate(metric.aggregations):
+            function = aggregation.function
+            partial = partials[i]
+            if function == "count":
+                continue
+            if function == "uniq":
+                self._merge_uniq(states, i, group_ids, partial)
+                continue
+            for g, state in enumerate(states):
+                value = float(partial[g])
+                have = state.values[i]
+                if function in ("sum", "avg"):
+                    state.values[i] = have + value
+                elif have is None:
+                    state.values[i] = value
+                elif function == "min":
+                    state.values[i] = min(have, value)
+                else:
+                    state.values[i] = max(have, value)
+
+    @staticmethod
+    def _merge_uniq(
+        states: list[GroupState], index: int, group_ids: np.ndarray, hashes: np.ndarray
+    ) -> None:
+        """Exact groups get their batch's distinct hashes (so a sketch is a
+        function of its set of values, whatever the batching); groups already
+        in HLL mode get register maxima."""
+        is_hll = np.array([s.values[index].registers is not None for s in states], dtype=bool)
+        exact_rows = ~is_hll[group_ids]
+        if exact_rows.any():
+            g_sel, h_sel = group_ids[exact_rows], hashes[exact_rows]
+            order = np.lexsort((h_sel, g_sel))
+            g_sorted, h_sorted = g_sel[order], h_sel[order]
+            keep = np.ones(len(order), dtype=bool)
+            keep[1:] = (g_sorted[1:] != g_sorted[:-1]) | (h_sorted[1:] != h_sorted[:-1])
+            g_sorted, h_sorted = g_sorted[keep], h_sorted[keep]
+            bounds = np.flatnonzero(np.diff(g_sorted)) + 1
+            for chunk_g, chunk_h in zip(
+                np.split(g_sorted, bounds), np.split(h_sorted, bounds), strict=True
+            ):
+                states[int(chunk_g[0])].values[index].add_hashes(chunk_h)
+        if is_hll.any():
+            hll_groups = np.flatnonzero(is_hll)
+            local = np.full(len(states), -1, dtype=np.int64)
+            local[hll_groups] = np.arange(len(hll_groups))
+            rows = is_hll[group_ids]
+            register, rank = hll_positions(hashes[rows])
+            block = np.zeros(len(hll_groups) * HLL_M, dtype=np.uint8)
+            np.maximum.at(block, local[group_ids[rows]] * HLL_M + register, rank)
+            for k, g in enumerate(hll_groups.tolist()):
+                states[g].values[index].add_registers(block[k * HLL_M : (k + 1) * HLL_M])
+
+    # -- time -----------------------------------------------------------------------------
+    def advance(self, now_ms: int) -> Step:
+        """Recompute watermarks at wall-clock ``now_ms`` (idle partitions),
+        fire windows that became final, evict windows past retention."""
+        step = Step()
+        self._update_watermarks(now_ms)
+        for rt in self.metrics:
+            self._fire(rt, step)
+            self._evict(rt, step)
+        return step
+
+    def _update_watermarks(self, now_ms: int) -> None:
+        combined = self._combined(now_ms)
+        if combined <= NO_TIME:
+            return
+        for rt in self.metrics:
+            rt.watermark = max(rt.watermark, combined - rt.metric.out_of_orderness_ms)
+
+    def _fire(self, rt: _MetricRuntime, step: Step) -> None:
+        done = rt.metric.window_ms + rt.metric.allowed_lateness_ms
+        for start in sorted(rt.slots):
+            if start + done > rt.watermark:
+                break
+            slot = rt.slots[start]
+            if not slot.final:
+                slot.final = True
+                for dims, state in sorted(slot.groups.items()):
+                    state.final = True
+                    step.finals.append(self._window_state(rt, start, dims, state))
+
+    def _evict(self, rt: _MetricRuntime, step: Step) -> None:
+        done = rt.metric.window_ms + rt.metric.allowed_lateness_ms + self.retention_ms
+        for start in sorted(rt.slots):
+            if start + done > rt.watermark:
+                break
+            for dims in sorted(rt.slots[start].groups):
+                step.evicted.append((rt.metric.name, self.shard, start, dims))
+                rt.dirty.discard((start, dims))
+            del rt.slots[start]
+
+    # -- outputs --------------------------------------------------------------------------
+    def _window_state(
+        self, rt: _MetricRuntime, start: int, dims: tuple[str, ...], state: GroupState
+    ) -> WindowState:
+        values = [v.to_bytes() if isinstance(v, UniqSketch) else v for v in state.values]
+        return WindowState(
+            metric=rt.metric.name,
+            shard=self.shard,
+            window_start=start,
+            window_end=start + rt.metric.window_ms,
+            dims=list(dims),
+            count=state.count,
+            values=values,
+            final=state.final,
+            revision=state.revision,
+        )
+
+    def take_dirty(self) -> list[WindowState]:
+        """Full states of every group changed since the last call (early
+        firings and late revisions), in a deterministic order."""
+        out: list[WindowState] = []
+        for rt in self.metrics:
+            for start, dims in sorted(rt.dirty):
+                slot = rt.slots.get(start)
+                state = slot.groups.get(dims) if slot else None
+                if state is not None:
+                    out.append(self._window_state(rt, start, dims, state))
+            rt.dirty.clear()
+        return out
+
+    def all_states(self) -> list[WindowState]:
+        out: list[WindowState] = []
+        for rt in self.metrics:
+            for start in sorted(rt.slots):
+                for dims, state in sorted(rt.slots[start].groups.items()):
+                    out.append(self._window_state(rt, start, dims, state))
+        return out
+
+    def mark_all_dirty(self) -> None:
+        for rt in self.metrics:
+            rt.dirty = {(s, d) for s, slot in rt.slots.items() for d in slot.groups}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            rt.metric.name: {
+                "watermark_ms": self.watermark_ms(rt.metric.name),
+                "open_windows": sum(1 for slot in rt.slots.values() if not slot.final),
+                "held_windows": len(rt.slots),
+                "groups": sum(len(slot.groups) for slot in rt.slots.values()),
+            }
+            for rt in self.metrics
+        }
+
+    # -- checkpoint -----------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The full state as plain msgpack-able data (bytes for sketches)."""
+        metrics: dict[str, Any] = {}
+        for rt in self.metrics:
+            windows = []
+            for start, slot in sorted(rt.slots.items()):
+                groups = [
+                    [
+                        list(dims),
+                        state.count,
+                        [v.to_bytes() if isinstance(v, UniqSketch) else v for v in state.values],
+                        state.final,
+                        state.revision,
+                    ]
+                    for dims, state in sorted(slot.groups.items())
+                ]
+                windows.append([start, slot.final, groups])
+            metrics[rt.metric.name] = {"watermark": rt.watermark, "windows": windows}
+        return {
+            "partitions": {str(p): [self.max_ts[p], self.last_active[p]] for p in self.partitions},
+            "metrics": metrics,
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Load a ``snapshot``. Metrics absent from it start empty; metrics no
+        longer configured are dropped."""
+        for key, (max_ts, last_active) in snapshot.get("partitions", {}).items():
+            partition = int(key)
+            if partition in self.max_ts:
+                self.max_ts[partition] = int(max_ts)
+                self.last_active[partition] = int(last_active)
+        for name, data in snapshot.get("metrics", {}).items():
+            rt = self.by_name.get(name)
+            if rt is None:
+                continue
+            rt.watermark = int(data["watermark"])
+            rt.slots = {}
+            for start, final, groups in data["windows"]:
+                slot = rt.slots[int(start)] = _Slot(final=bool(final))
+                for dims, count, values, group_final, revision in groups:
+                    restored = [
+                        UniqSketch.from_bytes(v) if a.function == "uniq" else v
+                        for a, v in zip(rt.metric.aggregations, values, strict=True)
+                    ]
+                    slot.groups[tuple(dims)] = GroupState(
+                        int(count), restored, bool(group_final), int(revision)
+                    )
+        self.mark_all_dirty()
+
+
+def encode_snapshot(data: dict[str, Any]) -> bytes:
+    return msgspec.msgpack.encode(data)
+
+
+def decode_snapshot(data: bytes) -> dict[str, Any]:
+    decoded: dict[str, Any] = msgspec.msgpack.decode(data)
+    return decoded
