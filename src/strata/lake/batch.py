@@ -29,7 +29,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from importlib import resources
@@ -135,6 +135,9 @@ class BatchJob:
         self.log = log_
         self.deleted_users = deleted_users or DeletedUsers(config.data_path)
         self.rollup_5m_ttl_ms = parse_duration_ms(config.store.rollup_5m_ttl)
+        # Called with [start_ms, end_ms) of every replaced day, so cached
+        # query results over it are dropped (Pipeline.on_revised in serve).
+        self.on_revised: Callable[[int, int], None] | None = None
         self.max_future_skew_ms = parse_duration_ms(config.ingest.max_future_skew)
 
     # -- cuts ------------------------------------------------------------------
@@ -145,18 +148,22 @@ class BatchJob:
         return {int(p): int(o) for p, o in state.get("offsets", {}).items()}
 
     def cuts(self, source: str) -> list[int]:
-        """Per log partition, the first offset the source read does not take."""
+        """Per log partition, the first offset the source read does not take:
+        min(loader, archiver) committed offsets ("log": the loader's alone).
+
+        A consumer without a checkpoint has committed nothing (0), except
+        when neither has one: then the lake was written elsewhere (an
+        imported archive, the benchmark) and is taken whole."""
         loader = self._committed("loader/events")
         archiver = self._committed("archiver") if source == "lake" else None
-        partitions = self.config.log.partitions
+        if loader is None and archiver is None:
+            return [NO_CUT] * self.config.log.partitions
         out = []
-        for partition in range(partitions):
-            candidates = [NO_CUT]
-            if loader is not None:
-                candidates.append(loader.get(partition, 0))
-            if archiver is not None:
-                candidates.append(archiver.get(partition, 0))
-            out.append(min(candidates))
+        for partition in range(self.config.log.partitions):
+            cut = (loader or {}).get(partition, 0)
+            if source == "lake":
+                cut = min(cut, (archiver or {}).get(partition, 0))
+            out.append(cut)
         return out
 
     # -- reading the source ------------------------------------------------------
@@ -270,7 +277,8 @@ class BatchJob:
         now: int | None = None,
     ) -> list[ReconciliationRow]:
         """Recompute ``day`` for ``metrics`` (all by default) from ``source``
-        ("lake", or "log" with ``log_table`` from ``read_log_days``) and replace
+        ("lake"; "log" with ``log_table`` from ``read_log_days``; or "raw", the
+        raw table alone, for days still inside its retention) and replace
         the day's rollup partitions. Returns the reconciliation rows (also
         written to the ``reconciliation`` table)."""
         day = day_of(day)
@@ -286,7 +294,11 @@ class BatchJob:
             started = time.monotonic()
             self.store.command(SQL["truncate"].format(table="lake_batch_events"))
             cuts = self.cuts(source)
-            if source == "lake":
+            if source == "raw":
+                # Everything comes from the raw table (the "tail" of an empty read).
+                cuts = [0] * len(cuts)
+                staged = 0
+            elif source == "lake":
                 staged = self._stage_lake(day, cuts, columns)
             elif source == "log":
                 table = log_table if log_table is not None else self.read_log_days([day])[day]
@@ -295,7 +307,7 @@ class BatchJob:
                 if staged:
                     self.store.insert_arrow("lake_batch_events", table)
             else:
-                raise BatchError(f"source: expected 'lake' or 'log', got {source!r}")
+                raise BatchError(f"source: expected 'lake', 'log' or 'raw', got {source!r}")
             # The store's lock keeps the loader (and so every materialized view)
             # from inserting between reading the raw tail and the replace.
             with self.store._lock:
@@ -309,6 +321,8 @@ class BatchJob:
                 for metric in metrics:
                     rows.extend(self._replace_metric(metric, day, now, staged, tail, source))
             self._write_report(rows, now)
+            if self.on_revised is not None:
+                self.on_revised(*day_bounds_ms(day))
             log.info(
                 "batch %s from %s: %d events (+%d raw tail), %d metric(s) in %.1fs",
                 day, source, staged, tail, len(metrics), time.monotonic() - started,
@@ -394,7 +408,7 @@ class BatchJob:
                 batch_value=float(batch[i] or 0),
                 changed_windows=changed,
                 late_events=int(late),
-                batch_events=int(staged),
+                batch_events=int(staged + tail),
                 tail_events=int(tail),
                 source=source,
             )

@@ -7,7 +7,7 @@ and every reader of the log (loader, archiver, processor, replay) drops the
 user's records with ``DeletedUsers.keep_mask``. An entry masks records the
 server received up to the deletion (``received_at <= deleted_at``); events
 the user sends afterwards are new data. An entry is dropped once log
-retention has removed every record it could match (``prune``).
+retention has removed every record it could match (strata.lake.retention).
 
 A record belongs to user ``X`` when ``user_id == X`` or ``distinct_id == X``
 (the second covers anonymous visitors deleted by their anonymous id).
@@ -63,13 +63,10 @@ class DeletedUsers:
         entries[user_id] = max(deleted_at_ms, entries.get(user_id, 0))
         self._save(entries)
 
-    def prune(self, oldest_log_record_ms: int) -> list[str]:
-        """Drop entries older than every record still in the log."""
+    def remove(self, users: list[str]) -> None:
+        """Drop entries (retention: the log no longer holds their records)."""
         entries = self.entries()
-        gone = [u for u, at in entries.items() if at < oldest_log_record_ms]
-        if gone:
-            self._save({u: at for u, at in entries.items() if u not in gone})
-        return gone
+        self._save({u: at for u, at in entries.items() if u not in set(users)})
 
     def _save(self, entries: dict[str, int]) -> None:
         with self._lock:

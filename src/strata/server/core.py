@@ -14,6 +14,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
+from strata.lake.api import lake_routes
 from strata.logs import setup_logging
 from strata.query.api import CoreAPI, core_routes
 from strata.server.pipeline import Pipeline
@@ -23,6 +24,7 @@ log = logging.getLogger("strata.core")
 
 # Other stages add routes here: functions (pipeline) -> list of routes.
 EXTRA_ROUTES: list = []
+EXTRA_ROUTES.append(lake_routes)  # /v1/admin/{delete-user,batch,replay,retention}
 
 
 def build_app(pipeline: Pipeline) -> Starlette:

@@ -61,6 +61,9 @@ class Pipeline:
                 max_batch_events=config.loader.max_batch_events,
                 max_wait_ms=config.loader.max_wait_ms,
             )
+        from strata.lake.wiring import register_lake  # archiver, nightly batch, retention
+
+        register_lake(pipeline)
         return pipeline
 
     def start(self) -> None:
