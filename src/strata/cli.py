@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     from strata.schemas.cli import add_commands as add_schema_commands
 
     add_schema_commands(sub, common)
+    from strata.lake.cli import add_lake_commands
+
+    add_lake_commands(sub, common)  # batch, replay, retention, delete-user
     return parser
 
 
