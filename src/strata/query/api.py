@@ -8,6 +8,7 @@ Every route here authenticates a query token and checks its scope
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from typing import Any
 import msgspec
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from strata.auth import Principal, bearer
@@ -76,8 +77,29 @@ class CoreAPI:
         return principal
 
     # -- SQL -----------------------------------------------------------------------
+    def limit(self, principal: Principal) -> None:
+        """Take one token from the user's bucket; 429 + Retry-After if empty."""
+        from strata.query.limits import RateLimitExceeded
+
+        try:
+            self.pipeline.query.limits.check(principal.user)
+        except RateLimitExceeded as exc:
+            REGISTRY.inc("strata_query_rate_limited_total", 1)
+            retry = str(max(1, math.ceil(exc.retry_after_s)))
+            raise APIError(429, str(exc), {"Retry-After": retry}) from exc
+
     async def sql(self, request: Request) -> Any:
-        self.require(request, "sql")
+        """POST /v1/sql ``{"sql": "...", "explain": false}``; the answer in
+        JSON (default), CSV or Arrow IPC by ``Accept`` (docs/query.md)."""
+        from strata.query.limits import RateLimitExceeded
+        from strata.query.results import ARROW_STREAM, CSV, negotiate
+
+        principal = self.require(request, "sql")
+        self.limit(principal)
+        try:
+            media = negotiate(request.headers.get("accept"))
+        except ValueError as exc:
+            raise APIError(406, str(exc)) from exc
         body = await request.body()
         try:
             payload = msgspec.json.decode(body, type=dict[str, Any])
@@ -86,32 +108,55 @@ class CoreAPI:
         text = payload.get("sql")
         if not isinstance(text, str):
             raise APIError(400, "sql: required, a string")
+        explain = payload.get("explain", False)
+        if not isinstance(explain, bool):
+            raise APIError(400, "explain: expected true or false")
+        service = self.pipeline.query
+        started = time.perf_counter()
         try:
-            tree = sandbox.check(text)
+            if explain:
+                _, route = await run_in_threadpool(service.plan, text)
+                return {
+                    "explain": route.explain(),
+                    "served_from": route.served_from,
+                    "executed": False,
+                    **_completeness(service.completeness(route.time_range)),
+                }
+            result = await run_in_threadpool(service.sql, principal.user, text)
         except sandbox.SQLRejected as exc:
             raise APIError(400, str(exc)) from exc
-        rendered = sandbox.render(tree)
-        started = time.perf_counter()
-        q = self.config.query
-        settings = {
-            "readonly": 2,
-            "max_execution_time": q.sql_max_execution_s,
-            "max_result_rows": q.sql_max_rows,
-            "result_overflow_mode": "throw",
-            "max_memory_usage": q.sql_max_memory_bytes,
-        }
-        try:
-            columns, rows = await run_in_threadpool(
-                self.pipeline.store.query_rows, rendered, None, settings
-            )
+        except RateLimitExceeded as exc:
+            retry = str(max(1, math.ceil(exc.retry_after_s)))
+            raise APIError(429, str(exc), {"Retry-After": retry}) from exc
         except Exception as exc:
             raise APIError(400, f"sql: query failed: {_first_line(exc)}") from exc
         elapsed = (time.perf_counter() - started) * 1000
-        REGISTRY.observe("strata_query_seconds", elapsed / 1000, {"endpoint": "sql"})
+        REGISTRY.observe(
+            "strata_query_seconds", elapsed / 1000,
+            {"endpoint": "sql", "served_from": str(result.meta.get("served_from"))},
+        )
+        meta = result.meta
+        headers = {
+            "X-Strata-Served-From": str(meta.get("served_from")),
+            "X-Strata-Cache": str(meta.get("cache")),
+            "X-Strata-Complete-Until": str(iso(meta.get("complete_until_ms"))),
+            "X-Strata-Open-Windows": str(bool(meta.get("open_windows"))).lower(),
+            "X-Strata-Revised": str(bool(meta.get("revised"))).lower(),
+        }
+        if media == CSV:
+            return Response(result.to_csv(), media_type="text/csv; charset=utf-8", headers=headers)
+        if media == ARROW_STREAM:
+            data = await run_in_threadpool(result.to_arrow_ipc)
+            return Response(data, media_type=ARROW_STREAM, headers=headers)
         return {
-            "columns": columns,
-            "rows": [list(r) for r in rows],
-            "served_from": "raw",
+            "columns": result.columns,
+            "rows": result.json_rows(),
+            "served_from": meta.get("served_from"),
+            "reason": meta.get("reason"),
+            "metric": meta.get("metric"),
+            "cache": meta.get("cache"),
+            **_completeness(meta),
+            "live_windows": meta.get("live_windows"),
             "elapsed_ms": round(elapsed, 3),
         }
 
@@ -183,6 +228,15 @@ class CoreAPI:
         return PlainTextResponse(merged.render(), media_type="text/plain; version=0.0.4")
 
 
+def _completeness(meta: dict[str, Any]) -> dict[str, Any]:
+    """The completeness fields every query response carries."""
+    return {
+        "complete_until": iso(meta.get("complete_until_ms")),
+        "open_windows": bool(meta.get("open_windows")),
+        "revised": bool(meta.get("revised")),
+    }
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -207,9 +261,20 @@ def json_endpoint(
     return run
 
 
+def _query_layer_routes(api: CoreAPI) -> list[Route]:
+    """Metrics API, token admin and OpenAPI routes (strata.query). They come
+    before any generic ``/v1/metrics/{name}`` route added later."""
+    from strata.query.metrics_api import metrics_routes
+    from strata.query.openapi import openapi_routes
+    from strata.query.tokens import token_routes
+
+    return [*metrics_routes(api), *token_routes(api), *openapi_routes(api)]
+
+
 def core_routes(api: CoreAPI) -> list[Route]:
     return [
         Route("/v1/sql", json_endpoint(api.sql), methods=["POST"]),
+        *_query_layer_routes(api),
         Route("/v1/metrics/events", json_endpoint(api.events_metric), methods=["GET"]),
         Route("/v1/status", json_endpoint(api.status), methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),

@@ -44,6 +44,9 @@ class Pipeline:
     started_at: float = field(default_factory=time.time)
     # Components added by other stages: name -> object with status() -> dict.
     components: dict[str, Any] = field(default_factory=dict)
+    # The query layer's router, result cache and rate limits
+    # (strata.query.service.QueryService), built on first use.
+    _query: Any = field(default=None, repr=False)
 
     @classmethod
     def open(cls, config: Config) -> Pipeline:
@@ -92,8 +95,33 @@ class Pipeline:
         for component in self.components.values():
             if hasattr(component, "close"):
                 component.close()
+        if self._query is not None:
+            self._query.close()
         self.store.close()
         self.log.close()
+
+    # -- query layer -------------------------------------------------------------
+    @property
+    def query(self) -> Any:
+        """The ``QueryService`` of this process (cache, limits, router)."""
+        if self._query is None:
+            from strata.query.service import QueryService
+
+            self._query = QueryService(self.config, lambda: self.store, self.watermark_ms)
+        return self._query
+
+    def on_revised(self, start_ms: int, end_ms: int) -> None:
+        """Late data changed event time ``[start_ms, end_ms)``: cached query
+        results overlapping it are dropped and later answers over it say
+        ``revised: true``. Called by the stream processor when it records a
+        revised range, and by whatever stores late rows (``on_late_rows``)."""
+        self.query.on_revised(start_ms, end_ms)
+
+    def on_late_rows(self, event_times_ms: Any) -> None:
+        """Late rows with these event times (epoch ms) were stored."""
+        times = [int(t) for t in event_times_ms]
+        if times:
+            self.on_revised(min(times), max(times) + 1)
 
     # -- reporting -------------------------------------------------------------
     def watermark_ms(self) -> int | None:
