@@ -14,6 +14,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
+from strata.dashboard import dashboard_routes
 from strata.lake.api import lake_routes
 from strata.logs import setup_logging
 from strata.query.api import CoreAPI, core_routes
@@ -34,6 +35,8 @@ def build_app(pipeline: Pipeline) -> Starlette:
     routes.extend(schema_routes(pipeline))
     for factory in EXTRA_ROUTES:
         routes.extend(factory(pipeline))
+    # Last, so that the page's "/" and its assets never shadow an API route.
+    routes.extend(dashboard_routes(pipeline))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
