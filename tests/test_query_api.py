@@ -508,3 +508,48 @@ def test_openapi_and_docs_page(env: Env) -> None:
     assert page.headers["content-type"].startswith("text/html")
     assert "/v1/metrics/retention" in page.text and "<script" not in page.text
     assert "http://" not in page.text and "https://" not in page.text
+
+
+# -- SDK query client over real HTTP ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def http_url(env: Env) -> Iterator[str]:
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = Starlette(routes=core_routes(CoreAPI(env.pipeline)))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_sdk_query_client_returns_arrow_and_pandas(env: Env, http_url: str) -> None:
+    from strata.sdk.client import Client
+    from strata.sdk.query import QueryClient, QueryError
+
+    client = QueryClient(http_url, env.tokens["bob"])
+    table = client.sql(SQL, output="arrow")
+    assert isinstance(table, pa.Table) and table.column_names == ["day", "n"]
+    frame = client.sql(SQL)
+    assert list(frame.columns) == ["day", "n"] and len(frame) == table.num_rows
+    assert client.last_meta["served_from"] == "rollup_1d"
+    assert client.explain(SQL)["served_from"] == "rollup_1d"
+    dau = client.metric("dau", output="pandas", **{"from": iso(env.base), "to": iso(env.base + DAY_MS)})
+    assert list(dau.columns) == ["day", "users"]
+    with pytest.raises(QueryError) as refused:
+        client.sql("DROP TABLE events")
+    assert refused.value.status == 400
+    with Client(http_url, "unused-write-key", token=env.tokens["bob"]) as sdk:
+        assert sdk.sql(SQL, output="arrow").equals(table)
