@@ -403,7 +403,7 @@ raw_event = st.tuples(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    raw=st.lists(raw_event, min_size=1, max_size=120),
+    raw=st.lists(raw_event, min_size=40, max_size=150),
     cuts=st.lists(st.integers(1, 40), min_size=1, max_size=30),
 )
 def test_engine_equals_per_event_reference(raw, cuts) -> None:
