@@ -105,11 +105,22 @@ class ProcessorConfig(_Section):
     early_firing_interval: str = "1s"
     idle_partition_timeout: str = "10s"
     max_batch_events: int = 100_000
+    # State + offsets are checkpointed at least this often (and at every
+    # cycle with final firings); replay after a crash is exact (journal).
+    checkpoint_interval: str = "5s"
+    # Finished windows stay in memory and in the serving store this long
+    # (event time) after their final firing, to absorb late events.
+    final_retention: str = "1h"
+    # Partitions of topic "events" this processor owns (empty: all). Several
+    # `strata process --partitions ...` split them statically.
+    partitions: list[int] = []
 
 
 class ServingConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Key prefix in Redis, so several strata deployments can share a server.
+    redis_prefix: str = "strata:"
 
 
 class LakeConfig(_Section):
@@ -339,6 +350,8 @@ def validate_config(config: Config) -> None:
         ("lake.retention_interval", config.lake.retention_interval),
         ("processor.early_firing_interval", config.processor.early_firing_interval),
         ("processor.idle_partition_timeout", config.processor.idle_partition_timeout),
+        ("processor.checkpoint_interval", config.processor.checkpoint_interval),
+        ("processor.final_retention", config.processor.final_retention),
         ("dashboard.refresh_interval", config.dashboard.refresh_interval),
     ):
         parse_duration_ms(value, field)

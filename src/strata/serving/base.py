@@ -1,0 +1,74 @@
+"""The ServingStore interface: live windows for the query layer.
+
+Two backends implement it and say nothing new: ``serving.memory`` (a dict
+in the core process, embedded shape) and ``serving.redis`` (distributed
+shape, several processor processes). Use ``strata.serving.open_serving``.
+
+Contract:
+
+* A window group is addressed by ``WindowState.key`` = (metric, shard,
+  window_start, dims). ``shard`` names the processor that owns it (its
+  partition set), so processors that split the partitions never overwrite
+  each other; readers merge the shards' mergeable states.
+* ``put_windows`` *replaces* each group's full state (idempotent SET, never
+  an increment), so a processor replaying after a crash writes the same
+  values again. ``delete_windows`` is idempotent too.
+* ``add_revised`` records window ranges corrected by late data (a set:
+  adding twice is a no-op); the query layer marks them and drops its cache.
+* ``set_progress`` stores a shard's per-metric watermark (epoch ms); a
+  metric is complete up to the minimum over shards.
+* Readers see each ``put_windows`` call either fully or not at all per group;
+  there is no cross-group transaction.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from strata.serving.state import WindowState
+
+WindowKey = tuple[str, str, int, tuple[str, ...]]
+
+
+class ServingError(Exception):
+    """The serving store failed (connection lost, bad data)."""
+
+
+class ServingStore(ABC):
+    @abstractmethod
+    def put_windows(self, states: Sequence[WindowState]) -> None:
+        """Replace the full state of every given group."""
+
+    @abstractmethod
+    def delete_windows(self, keys: Sequence[WindowKey]) -> None:
+        """Forget these groups (evicted by the processor). Missing keys are fine."""
+
+    @abstractmethod
+    def windows(self, metric: str, start_ms: int, end_ms: int) -> list[WindowState]:
+        """Every group of ``metric`` with ``start_ms <= window_start < end_ms``,
+        all shards, ordered by (window_start, shard, dims)."""
+
+    @abstractmethod
+    def add_revised(self, metric: str, ranges: Sequence[tuple[int, int]]) -> None:
+        """Record ``[start, end)`` ranges revised by late events."""
+
+    @abstractmethod
+    def revised(self, metric: str, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
+        """Recorded revised ranges overlapping ``[start_ms, end_ms)``, sorted."""
+
+    @abstractmethod
+    def set_progress(self, shard: str, watermarks: dict[str, int]) -> None:
+        """Store the shard's watermark per metric (replaces the previous)."""
+
+    @abstractmethod
+    def progress(self) -> dict[str, dict[str, int]]:
+        """shard -> metric -> watermark ms."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Remove everything this store holds (tests, ``strata replay``)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
