@@ -191,3 +191,27 @@ def test_cache_entries_expire(cache: ResultCache) -> None:
     while cache.get(key) is not None:
         assert time.monotonic() < deadline, "entry never expired"
         time.sleep(0.05)
+
+
+def test_tokens_cli_creates_lists_and_revokes(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from strata.auth import Keyring
+    from strata.cli import main
+
+    def run(*argv: str) -> int:
+        with pytest.raises(SystemExit) as done:
+            main(["tokens", *argv, "--data-dir", str(tmp_path)])
+        return int(done.value.code or 0)
+
+    assert run("create", "--user", "ana", "--scopes", "metrics") == 0
+    token = json.loads(capsys.readouterr().out)["token"]
+    keyring = Keyring(load_config(overrides={"data_dir": str(tmp_path)}))
+    principal = keyring.authenticate(token)
+    assert principal is not None and principal.user == "ana"
+    assert principal.scopes == frozenset({"metrics"})
+    assert run("list") == 0 and '"ana"' in capsys.readouterr().out
+    assert run("create", "--user", "bo", "--scopes", "root") == 2
+    assert "scope" in capsys.readouterr().err
+    assert run("revoke", "--user", "ana") == 0
+    assert Keyring(load_config(overrides={"data_dir": str(tmp_path)})).authenticate(token) is None

@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     from strata.lake.cli import add_lake_commands
 
     add_lake_commands(sub, common)  # batch, replay, retention, delete-user
+    from strata.query.cli import add_query_commands
+
+    add_query_commands(sub, common)  # tokens
     return parser
 
 
