@@ -35,8 +35,10 @@ def make_events(
     seed: int = 1,
     prefix: str = "e",
     received_delay_ms: int = 1000,
+    received_at_ms: int | None = None,
 ) -> list[EventRecord]:
-    """Deterministic events with event time in [start_ms, start_ms + span_ms)."""
+    """Deterministic events with event time in [start_ms, start_ms + span_ms),
+    received ``received_delay_ms`` later (or all at ``received_at_ms``)."""
     rng = random.Random(seed)
     out = []
     for index in range(count):
@@ -53,7 +55,7 @@ def make_events(
                 distinct_id=f"a-{user}" if anonymous else user,
                 session_id=f"s{rng.randrange(100)}",
                 ts=ts,
-                received_at=ts + received_delay_ms,
+                received_at=received_at_ms if received_at_ms is not None else ts + received_delay_ms,
                 country=rng.choice(COUNTRIES),
                 platform="web",
                 os="linux",
@@ -110,6 +112,6 @@ def create_bucket(endpoint: str, bucket: str) -> None:
     host = endpoint.split("://", 1)[1]
     filesystem = pafs.S3FileSystem(
         endpoint_override=host, scheme="http", access_key="testing", secret_key="testing",
-        region="us-east-1",
+        region="us-east-1", allow_bucket_creation=True,
     )
     filesystem.create_dir(bucket)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -178,8 +179,12 @@ class Archiver:
                 have.extend(batch.values[skip : skip + (last - expected + 1)])
                 if first + len(have) > last:
                     remaining.pop(batch.partition)
-        for partition, (_, last) in ranges.items():
-            self.consumer.seek(partition, last + 1)
+        # Polling read other partitions too; put every position back.
+        for partition in self.consumer.assignment():
+            if partition in ranges:
+                self.consumer.seek(partition, ranges[partition][1] + 1)
+            else:
+                self.consumer.seek(partition, self.offsets.get(partition, 0))
         return collected
 
     # -- one roll ------------------------------------------------------------
@@ -351,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
+        log.info("archiver: running (pid %d)", os.getpid())
         archiver.run(stop)
         return 0
     finally:

@@ -114,7 +114,9 @@ def resolve(uri: str, *, s3_endpoint: str = "", s3_region: str = "us-east-1") ->
     ``file://`` URI or ``s3://bucket/prefix`` URI."""
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
-        options: dict[str, object] = {"region": s3_region}
+        # allow_delayed_open: a file smaller than one part goes up as one
+        # PutObject instead of a multipart upload (cheaper, and atomic).
+        options: dict[str, object] = {"region": s3_region, "allow_delayed_open": True}
         if s3_endpoint:
             endpoint = urlparse(s3_endpoint if "://" in s3_endpoint else f"http://{s3_endpoint}")
             options["endpoint_override"] = endpoint.netloc
