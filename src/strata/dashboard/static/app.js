@@ -33,7 +33,8 @@
     epsHistory: [], // [t, events/s]
     charts: {},
     funnelSteps: [],
-    calls: {}, // panel -> [{method, url, status, note}]
+    calls: {}, // panel -> [{method, url, body, status, note}]
+    liveWindowsMissing: false, // /v1/metrics/<configured metric> answered 404
   };
 
   // ---------------------------------------------------------------- DOM helpers
@@ -445,15 +446,15 @@
       animation: false,
       grid: GRID,
       tooltip: TOOLTIP,
-      xAxis: { type: "time" },
+      xAxis: { type: "category", data: (series.rows || []).map((row) => new Date(rowTime(row)).toISOString().slice(5, 10)) },
       yAxis: { type: "value", name: "DAU", nameGap: 8, minInterval: 1 },
       series: [
         {
           type: "bar",
+          barMaxWidth: 32,
           data: (series.rows || []).map((row) => {
-            const t = rowTime(row);
-            const provisional = isOpen(t, DAY, completeUntil, openWindowSet(series));
-            return { value: [t, numberField(row, ["users", "value", "dau"])], itemStyle: provisional ? PROVISIONAL_STYLE : {} };
+            const provisional = isOpen(rowTime(row), DAY, completeUntil, openWindowSet(series));
+            return { value: numberField(row, ["users", "value", "dau"]), itemStyle: provisional ? PROVISIONAL_STYLE : {} };
           }),
         },
       ],
@@ -487,9 +488,9 @@
     chart("revenue-chart").setOption(
       {
         animation: false,
-        grid: GRID,
         tooltip: TOOLTIP,
         legend: { top: 0, type: "scroll" },
+        grid: { ...GRID, top: 30 },
         xAxis: { type: "time" },
         yAxis: { type: "value" },
         series: [...series.entries()].slice(0, 6).map(([name, data]) => ({ name, type: "line", showSymbol: false, data })),
@@ -519,12 +520,14 @@
     const granularity = ctx.granularity;
     const params = { from: iso(ctx.from), to: iso(ctx.to), granularity, group_by: "country" };
     let payload;
-    let fallback = false;
+    let fallback = state.liveWindowsMissing;
     try {
+      if (fallback) throw new HttpError(404, "known missing", "");
       // The configured metric, merged with its live windows (serving store).
       payload = await getJSON(`/v1/metrics/page_views_by_country?${query(params)}`, "pageviews");
     } catch (err) {
       if (!(err instanceof HttpError) || err.status !== 404) throw err;
+      state.liveWindowsMissing = true; // asked again after the next sign-in
       // No live-window endpoint in this build: the same numbers from the
       // counts API, which the router answers from the metric's rollup.
       payload = await getJSON(`/v1/metrics/count?${query({ ...params, event_type: "page_view" })}`, "pageviews");
@@ -827,6 +830,7 @@
       panel.dataset.state = "error";
     } finally {
       $("sql-run").disabled = false;
+      panel.dataset.runs = String(Number(panel.dataset.runs || 0) + 1);
       const calls = state.calls.explorer || [];
       const pre = panel.querySelector("details.query pre");
       pre.textContent = calls.map((c) => `${c.method} ${c.url}\n  body: ${JSON.stringify(c.body)}\n  -> ${c.status ?? "…"} ${c.note || ""}`).join("\n");
@@ -907,6 +911,7 @@
     }
     select.value = String(state.refreshMs);
     state.funnelSteps = config.funnel_steps.slice();
+    state.liveWindowsMissing = false;
     $("funnel-steps").value = state.funnelSteps.join(", ");
     $("signin-view").hidden = true;
     $("app-view").hidden = false;
