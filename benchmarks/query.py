@@ -1,0 +1,423 @@
+"""Query-layer benchmark: metrics API, SQL router, raw SQL, cache hits and
+DuckDB on the same data.
+
+    python -m benchmarks.query --events 100000000
+
+Data: N synthetic events over the last 365 days, generated with numpy and
+bulk-loaded with ``Store.insert_arrow`` (no HTTP; the materialized views
+fill the rollups as they would from the loader). The same rows are
+exported once to Parquet for DuckDB.
+
+Measured (p50/p99 over ``--runs`` runs each, after one warm-up):
+
+* the metrics API (in-process ASGI, cache off): DAU per day over one year,
+  page views by country per 5 minutes over 24 h, a 5-step funnel over 30 days;
+* the same questions as SQL through ``POST /v1/sql`` (router, cache off);
+* the same SQL forced onto the raw events;
+* cache hits (the same requests with the cache on);
+* the equivalent raw queries in DuckDB over the Parquet export.
+
+Results go to the "Query layer" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from benchmarks.common import write_section
+
+DAY_MS = 86_400_000
+EVENT_TYPES = ["page_view", "signup", "add_to_cart", "checkout", "purchase", "search"]
+EVENT_P = [0.55, 0.05, 0.12, 0.06, 0.04, 0.18]
+COUNTRIES = ["US", "DE", "FR", "BR", "IN", "GB", "JP", "CA", "ES", "IT"]
+PLATFORMS = ["web", "ios", "android"]
+TOKEN = "bench_admin_token"
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _dict_strings(indices: np.ndarray, values: list[str]) -> pa.Array:
+    return pa.DictionaryArray.from_arrays(
+        pa.array(indices.astype(np.int32)), pa.array(values)
+    ).cast(pa.string())
+
+
+def generate_chunk(
+    rng: np.random.Generator, first: int, n: int, start_ms: int, days: int, users: int
+) -> pa.Table:
+    """One chunk of events in the loader's Arrow shape (EVENTS_SINK)."""
+    from strata.loader.sinks import EVENTS_SINK
+
+    ts = np.sort(start_ms + rng.integers(0, days * DAY_MS, n))
+    # Skewed user activity: a few heavy users, a long tail.
+    user = np.minimum((rng.pareto(1.2, n) * users / 20).astype(np.int64), users - 1)
+    user_names = pa.array(np.char.add("u", np.arange(users).astype(str)))
+    distinct = pa.DictionaryArray.from_arrays(pa.array(user.astype(np.int32)), user_names).cast(
+        pa.string()
+    )
+    event_type = rng.choice(len(EVENT_TYPES), n, p=EVENT_P)
+    revenue = np.where(event_type == 4, rng.integers(1, 200, n).astype(np.float64), 0.0)
+    empty = pa.array(np.full(n, "", dtype=object), type=pa.string())
+    columns = {
+        "event_id": pa.array(np.char.add("e", np.arange(first, first + n).astype(str))),
+        "event_type": _dict_strings(event_type, EVENT_TYPES),
+        "user_id": distinct,
+        "anonymous_id": empty,
+        "distinct_id": distinct,
+        "session_id": empty,
+        "ts": pa.array(ts),
+        "received_at": pa.array(ts),
+        "country": _dict_strings(rng.integers(0, len(COUNTRIES), n), COUNTRIES),
+        "platform": _dict_strings(rng.integers(0, len(PLATFORMS), n), PLATFORMS),
+        "os": empty,
+        "app_version": empty,
+        "path": _dict_strings(rng.integers(0, 4, n), ["/", "/pricing", "/docs", "/blog"]),
+        "referrer": empty,
+        "revenue": pa.array(revenue),
+        "currency": _dict_strings((revenue > 0).astype(np.int64), ["", "USD"]),
+        "properties": empty,
+    }
+    table = pa.table({f.name: columns[f.name] for f in EVENTS_SINK.schema})
+    return EVENTS_SINK.finish(table, np.zeros(n, np.uint16), np.arange(first, first + n))
+
+
+def measure(fn: Callable[[], Any], runs: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def p50_p99(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return statistics.median(ordered), p99
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.query")
+    parser.add_argument("--events", type=int, default=5_000_000)
+    parser.add_argument("--users", type=int, default=0, help="default: events / 100")
+    parser.add_argument("--days", type=int, default=365)
+    parser.add_argument("--runs", type=int, default=30, help="runs of the fast queries")
+    parser.add_argument("--raw-runs", type=int, default=5, help="runs of raw/DuckDB queries")
+    parser.add_argument("--data-dir", help="default: a temporary directory, removed at the end")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    args = parser.parse_args(argv)
+
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from strata.config import load_config
+    from strata.query import sandbox
+    from strata.query.api import CoreAPI, core_routes
+    from strata.server.pipeline import Pipeline
+
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="strata-bench-query-"))
+    users = args.users or max(1000, args.events // 100)
+    base_overrides = {
+        "data_dir": str(data_dir),
+        "auth.admin_tokens": [TOKEN],
+        # Keep a year of raw events and 5-minute rollups for the comparison.
+        "store.raw_ttl": f"{args.days + 30}d",
+        "store.rollup_5m_ttl": f"{args.days + 30}d",
+        "query.rate_limit_per_minute": 10_000_000,
+        "query.rate_limit_burst": 10_000_000,
+        "query.max_concurrent_heavy": 100,
+        "query.cache_ttl": "0s",
+        "query.open_range_cache_ttl": "0s",
+    }
+    config = load_config(overrides=base_overrides)
+    pipeline = Pipeline.open(config)
+    store = pipeline.store
+    now = int(time.time() * 1000)
+    end_day = now - now % DAY_MS
+    start_ms = end_day - args.days * DAY_MS
+
+    print(f"loading {args.events:,} events over {args.days} days into {data_dir} ...")
+    rng = np.random.default_rng(42)
+    load_started = time.perf_counter()
+    # One insert per slice of days: the raw table and the daily rollups are
+    # partitioned by day, and an insert may touch at most 100 partitions.
+    slice_days = max(1, min(30, int(2_000_000 * args.days / max(1, args.events))))
+    loaded = 0
+    for first_day in range(0, args.days, slice_days):
+        span = min(slice_days, args.days - first_day)
+        target = args.events * (first_day + span) // args.days
+        n = target - loaded
+        if n <= 0:
+            continue
+        table = generate_chunk(rng, loaded, n, start_ms + first_day * DAY_MS, span, users)
+        store.insert_arrow("events", table, f"bench-{loaded}")
+        loaded += n
+        print(f"  {loaded:,} events", flush=True)
+    load_s = time.perf_counter() - load_started
+    store.command("OPTIMIZE TABLE rollup_active_users_1d FINAL")
+
+    app = Starlette(routes=core_routes(CoreAPI(pipeline)))
+    client = TestClient(app)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    year = {"from": _iso(start_ms), "to": _iso(end_day)}
+    day = {"from": _iso(end_day - DAY_MS), "to": _iso(end_day)}
+    month_from = end_day - 30 * DAY_MS
+    funnel_body = {
+        "steps": [
+            {"event_type": t}
+            for t in ["page_view", "search", "add_to_cart", "checkout", "purchase"]
+        ],
+        "window": "1d",
+        "from": _iso(month_from),
+        "to": _iso(end_day),
+    }
+
+    def get(path: str, params: dict[str, str]) -> Callable[[], Any]:
+        def run() -> Any:
+            response = client.get(path, params=params, headers=headers)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        return run
+
+    def funnel() -> Any:
+        response = client.post("/v1/metrics/funnel", json=funnel_body, headers=headers)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    dau_sql = (
+        f"SELECT toDate(ts) AS day, uniq(distinct_id) AS users FROM events "
+        f"WHERE ts >= '{_utc(start_ms)}' AND ts < '{_utc(end_day)}' GROUP BY day ORDER BY day"
+    )
+    views_sql = (
+        f"SELECT toStartOfFiveMinutes(ts) AS t, country, count() AS views FROM events "
+        f"WHERE event_type = 'page_view' AND ts >= '{_utc(end_day - DAY_MS)}' "
+        f"AND ts < '{_utc(end_day)}' GROUP BY t, country ORDER BY t, country"
+    )
+
+    def sql(text: str) -> Callable[[], Any]:
+        def run() -> Any:
+            response = client.post("/v1/sql", json={"sql": text}, headers=headers)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        return run
+
+    def raw(text: str) -> Callable[[], Any]:
+        route = pipeline.query.router.raw(sandbox.check(text))
+        return lambda: store.query_rows(route.sql)
+
+    results: dict[str, dict[str, tuple[float, float]]] = {}
+    served: dict[str, str] = {}
+
+    def record(row: str, column: str, fn: Callable[[], Any], runs: int) -> None:
+        values = measure(fn, runs)
+        results.setdefault(row, {})[column] = p50_p99(values)
+        print(
+            f"  {row:<40} {column:<14} p50 {results[row][column][0]:9.2f} ms  "
+            f"p99 {results[row][column][1]:9.2f} ms",
+            flush=True,
+        )
+
+    print("measuring ...")
+    served["dau"] = get("/v1/metrics/dau", year)()["served_from"]
+    served["views"] = get(
+        "/v1/metrics/count",
+        {**day, "granularity": "5m", "group_by": "country", "event_type": "page_view"},
+    )()["served_from"]
+    record("DAU per day, 1 year", "metrics API", get("/v1/metrics/dau", year), args.runs)
+    record(
+        "page views by country / 5 min, 24 h",
+        "metrics API",
+        get(
+            "/v1/metrics/count",
+            {**day, "granularity": "5m", "group_by": "country", "event_type": "page_view"},
+        ),
+        args.runs,
+    )
+    record("5-step funnel, 30 days", "metrics API", funnel, args.raw_runs)
+    record("DAU per day, 1 year", "SQL router", sql(dau_sql), args.runs)
+    record("page views by country / 5 min, 24 h", "SQL router", sql(views_sql), args.runs)
+    record("DAU per day, 1 year", "SQL raw", raw(dau_sql), args.raw_runs)
+    record("page views by country / 5 min, 24 h", "SQL raw", raw(views_sql), args.raw_runs)
+
+    # Cache hits: the same requests on a service with the cache on.
+    pipeline._query = None
+    pipeline.config = load_config(
+        overrides={
+            **base_overrides,
+            "query.cache_ttl": "600s",
+            "query.open_range_cache_ttl": "600s",
+        }
+    )
+    cached_app = Starlette(routes=core_routes(CoreAPI(pipeline)))
+    client = TestClient(cached_app)
+    record("DAU per day, 1 year", "cache hit (API)", get("/v1/metrics/dau", year), args.runs * 5)
+    record("5-step funnel, 30 days", "cache hit (API)", funnel, args.runs * 5)
+    record("page views by country / 5 min, 24 h", "cache hit (SQL)", sql(views_sql), args.runs * 5)
+    # The cache itself, without the in-process HTTP client (TestClient costs
+    # a few ms per request by itself).
+    service = pipeline.query
+    record(
+        "DAU per day, 1 year",
+        "cache hit (service)",
+        lambda: service.sql("bench", dau_sql),
+        args.runs * 5,
+    )
+    record(
+        "page views by country / 5 min, 24 h",
+        "cache hit (service)",
+        lambda: service.sql("bench", views_sql),
+        args.runs * 5,
+    )
+
+    # DuckDB over a Parquet export of the same rows.
+    import duckdb
+    import pyarrow.parquet as pq
+
+    parquet_dir = data_dir / "parquet"
+    parquet_dir.mkdir(exist_ok=True)
+    print("exporting to Parquet ...")
+    export_started = time.perf_counter()
+    for month in range(0, args.days, 30):
+        lower = start_ms + month * DAY_MS
+        upper = min(end_day, lower + 30 * DAY_MS)
+        part = store.query_arrow(
+            "SELECT event_type, distinct_id, ts, country, revenue FROM events "
+            "WHERE ts >= fromUnixTimestamp64Milli({lo:Int64}) "
+            "AND ts < fromUnixTimestamp64Milli({hi:Int64})",
+            {"lo": lower, "hi": upper},
+        )
+        pq.write_table(part, parquet_dir / f"part-{month:03d}.parquet")
+    export_s = time.perf_counter() - export_started
+    duck = duckdb.connect()
+    duck.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet('{parquet_dir}/*.parquet')")
+    duck_dau = (
+        "SELECT CAST(ts AS DATE) AS day, count(DISTINCT distinct_id) FROM events "
+        f"WHERE ts >= TIMESTAMPTZ '{_utc(start_ms)}+00' AND ts < TIMESTAMPTZ '{_utc(end_day)}+00' "
+        "GROUP BY day ORDER BY day"
+    )
+    duck_dau_approx = duck_dau.replace(
+        "count(DISTINCT distinct_id)", "approx_count_distinct(distinct_id)"
+    )
+    duck_views = (
+        "SELECT time_bucket(INTERVAL 5 MINUTE, ts) AS t, country, count(*) FROM events "
+        f"WHERE event_type = 'page_view' AND ts >= TIMESTAMPTZ '{_utc(end_day - DAY_MS)}+00' "
+        f"AND ts < TIMESTAMPTZ '{_utc(end_day)}+00' GROUP BY t, country ORDER BY t, country"
+    )
+    # The analyst's usual funnel: from each user's first step-1 event, the
+    # first next step within the window (greedy from the first start).
+    steps = ["page_view", "search", "add_to_cart", "checkout", "purchase"]
+    ctes = [
+        f"s1 AS (SELECT distinct_id, min(ts) AS t0, min(ts) AS t FROM events WHERE "
+        f"event_type = 'page_view' AND ts >= TIMESTAMPTZ '{_utc(month_from)}+00' "
+        f"AND ts < TIMESTAMPTZ '{_utc(end_day)}+00' GROUP BY distinct_id)"
+    ]
+    for k, step in enumerate(steps[1:], start=2):
+        ctes.append(
+            f"s{k} AS (SELECT p.distinct_id, p.t0, min(e.ts) AS t FROM s{k - 1} p JOIN events e "
+            f"ON e.distinct_id = p.distinct_id AND e.event_type = '{step}' AND e.ts > p.t "
+            f"AND e.ts <= p.t0 + INTERVAL 1 DAY GROUP BY p.distinct_id, p.t0)"
+        )
+    duck_funnel = (
+        "WITH "
+        + ", ".join(ctes)
+        + " SELECT "
+        + ", ".join(f"(SELECT count(*) FROM s{k})" for k in range(1, 6))
+    )
+    record(
+        "DAU per day, 1 year",
+        "DuckDB exact",
+        lambda: duck.execute(duck_dau).fetchall(),
+        args.raw_runs,
+    )
+    record(
+        "DAU per day, 1 year",
+        "DuckDB approx",
+        lambda: duck.execute(duck_dau_approx).fetchall(),
+        args.raw_runs,
+    )
+    record(
+        "page views by country / 5 min, 24 h",
+        "DuckDB",
+        lambda: duck.execute(duck_views).fetchall(),
+        args.raw_runs,
+    )
+    record(
+        "5-step funnel, 30 days",
+        "DuckDB",
+        lambda: duck.execute(duck_funnel).fetchall(),
+        args.raw_runs,
+    )
+
+    columns = [
+        "metrics API",
+        "SQL router",
+        "SQL raw",
+        "cache hit (API)",
+        "cache hit (SQL)",
+        "cache hit (service)",
+        "DuckDB exact",
+        "DuckDB approx",
+        "DuckDB",
+    ]
+    lines = [
+        f"`python -m benchmarks.query --events {args.events} --runs {args.runs} "
+        f"--raw-runs {args.raw_runs}`: {args.events:,} events over {args.days} days, "
+        f"{users:,} users, bulk-loaded in {load_s:.0f} s ({args.events / load_s:,.0f} events/s "
+        f"including the 8 rollup views); Parquet export {export_s:.0f} s. "
+        "Latencies in ms as p50 / p99, measured in-process through the ASGI app "
+        "(HTTP parsing included, no network). Served from: DAU "
+        f"`{served['dau']}`, page views `{served['views']}`, funnel `raw`.",
+        "",
+        "| query | " + " | ".join(c for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for row, cells in results.items():
+        rendered = [f"{cells[c][0]:.1f} / {cells[c][1]:.1f}" if c in cells else "" for c in columns]
+        lines.append(f"| {row} | " + " | ".join(rendered) + " |")
+    dau_speedup = (
+        results["DAU per day, 1 year"]["SQL raw"][0]
+        / results["DAU per day, 1 year"]["SQL router"][0]
+    )
+    views_speedup = (
+        results["page views by country / 5 min, 24 h"]["SQL raw"][0]
+        / results["page views by country / 5 min, 24 h"]["SQL router"][0]
+    )
+    lines += [
+        "",
+        f"Router vs raw (p50): DAU {dau_speedup:.0f}x, page views {views_speedup:.1f}x. "
+        "Targets: p99 <= 50 ms for rollup-served metrics, <= 2 ms for cache hits, router >= 10x "
+        "raw for rollup-answerable queries.",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_write:
+        write_section("Query layer", body)
+    pipeline.stop()
+    if not args.data_dir:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    os._exit(0)  # chDB's engine threads can delay interpreter exit
+
+
+if __name__ == "__main__":
+    main()
