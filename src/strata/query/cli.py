@@ -39,8 +39,8 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         revoked = keyring.revoke_user(args.user)
         print(json.dumps({"user": args.user, "revoked": revoked}))
         return 0 if revoked else 1
-    for token in keyring.list_tokens():
-        print(json.dumps(token))
+    for entry in keyring.list_tokens():
+        print(json.dumps(entry))
     return 0
 
 

@@ -90,7 +90,7 @@ _ERRORS = {
 
 def build_spec() -> dict[str, Any]:
     """The OpenAPI document (a plain dict)."""
-    secured = [{"bearer": []}]
+    secured: list[dict[str, list[str]]] = [{"bearer": []}]
     paths: dict[str, Any] = {
         "/v1/sql": {
             "post": {

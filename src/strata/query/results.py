@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -46,13 +47,13 @@ def _datetime_us(value: datetime) -> int:
     return int(aware.timestamp() * 1_000_000)
 
 
-_ENCODE = {
+_ENCODE: dict[str, Callable[[Any], Any]] = {
     "datetime": _datetime_us,
     "date": lambda v: v.toordinal(),
     "decimal": str,
     "uuid": str,
 }
-_DECODE = {
+_DECODE: dict[str, Callable[[Any], Any]] = {
     "datetime": lambda v: datetime.fromtimestamp(v / 1_000_000, UTC).replace(tzinfo=None),
     "date": date.fromordinal,
     "decimal": Decimal,

@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlglot import exp
 
@@ -328,7 +328,7 @@ def find_time_range(tree: exp.Expression, now_ms: int) -> TimeRange:
     return TimeRange(bounds.start_ms, bounds.end_ms)
 
 
-def _aggregate_key(node: exp.Expression) -> tuple[str, str | None] | None:
+def _aggregate_key(node: Any) -> tuple[str, str | None] | None:
     """(function, column) of a supported aggregate, or None."""
 
     def single_column(args: list[exp.Expression]) -> str | None:
@@ -349,8 +349,8 @@ def _aggregate_key(node: exp.Expression) -> tuple[str, str | None] | None:
                 return None
             column = single_column([node.this])
             return (name, column) if column else None
-    for cls, name in ((exp.Min, "min"), (exp.Max, "max")):
-        if isinstance(node, cls):
+    for bounded, name in ((exp.Min, "min"), (exp.Max, "max")):
+        if isinstance(node, bounded):
             if node.expressions:
                 return None
             column = single_column([node.this])
@@ -454,13 +454,13 @@ class Router:
         does not rename the result's columns."""
         if not isinstance(select, exp.Select):
             return
-        projections = []
+        projections: list[exp.Expression] = []
         for projection in select.expressions:
             if isinstance(projection, exp.Alias | exp.Column | exp.Star):
                 projections.append(projection)
                 continue
             name = projection.sql(dialect="clickhouse", comments=False)
-            projections.append(exp.alias_(projection, name, quoted=True))
+            projections.append(cast(exp.Expression, exp.alias_(projection, name, quoted=True)))
         select.set("expressions", projections)
 
     # -- rollup path -----------------------------------------------------------------
@@ -596,7 +596,7 @@ class Router:
             return node
 
         rewritten.set("where", None)
-        rewritten = rewritten.transform(replace, copy=False)
+        rewritten = cast(exp.Select, rewritten.transform(replace, copy=False))
         rewritten.set(_FROM_KEY, exp.From(this=exp.to_table(table)))
         conditions: list[exp.Expression] = []
         column = exp.column("window_start", table=table)
