@@ -11,6 +11,7 @@ if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 need=""
 command -v redis-server >/dev/null 2>&1 || need="$need redis-server"
 [ -x /usr/bin/chromium ] || need="$need chromium"
+command -v wrk >/dev/null 2>&1 || need="$need wrk"
 if [ -n "$need" ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq

@@ -1,0 +1,5 @@
+"""`python -m strata ...` is the same as the `strata` command."""
+
+from strata.cli import main
+
+main()
