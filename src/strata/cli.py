@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     from strata.query.cli import add_query_commands
 
     add_query_commands(sub, common)  # tokens
+    from strata.processor.__main__ import add_arguments as add_process_arguments
+    from strata.processor.__main__ import run as run_processor
+
+    p = sub.add_parser("process", help="run the stream processor alone (Redis serving store)")
+    add_process_arguments(p)
+    p.set_defaults(func=run_processor)
     return parser
 
 

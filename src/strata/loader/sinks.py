@@ -125,8 +125,61 @@ IDENTITIES_SINK = Sink(
 )
 
 # Other sinks (window_results, late) register here.
+# The stream processor's outputs (strata.processor.runner). Ids are
+# deterministic, so records a processor re-appends after a crash are dropped;
+# ``emitted_at`` is the processor's (journaled) cycle time.
+WINDOW_RESULTS_SINK = Sink(
+    topic="window_results",
+    table="window_results",
+    schema=pa.schema(
+        [
+            ("id", pa.string()),
+            ("metric", pa.string()),
+            ("shard", pa.string()),
+            ("window_start", pa.int64()),
+            ("window_end", pa.int64()),
+            ("dims", pa.string()),
+            ("aggregates", pa.string()),
+            ("event_count", pa.uint64()),
+            ("watermark", pa.int64()),
+            ("emitted_at", pa.int64()),
+        ]
+    ),
+    id_field="id",
+    received_field="emitted_at",
+    timestamp_fields=("window_start", "window_end", "watermark", "emitted_at"),
+)
+
+LATE_EVENTS_SINK = Sink(
+    topic="late",
+    table="late_events",
+    schema=pa.schema(
+        [
+            ("id", pa.string()),
+            ("metric", pa.string()),
+            ("event_id", pa.string()),
+            ("event_type", pa.string()),
+            ("distinct_id", pa.string()),
+            ("ts", pa.int64()),
+            ("received_at", pa.int64()),
+            ("window_start", pa.int64()),
+            ("window_end", pa.int64()),
+            ("watermark", pa.int64()),
+            ("source_partition", pa.uint16()),
+            ("source_offset", pa.uint64()),
+            ("window_held", pa.bool_()),
+            ("emitted_at", pa.int64()),
+        ]
+    ),
+    id_field="id",
+    received_field="emitted_at",
+    timestamp_fields=("ts", "received_at", "window_start", "window_end", "watermark", "emitted_at"),
+)
+
 SINKS: dict[str, Sink] = {
     EVENTS_SINK.topic: EVENTS_SINK,
+    WINDOW_RESULTS_SINK.topic: WINDOW_RESULTS_SINK,
+    LATE_EVENTS_SINK.topic: LATE_EVENTS_SINK,
     QUARANTINE_SINK.topic: QUARANTINE_SINK,
     IDENTITIES_SINK.topic: IDENTITIES_SINK,
 }
