@@ -115,3 +115,75 @@ def create_bucket(endpoint: str, bucket: str) -> None:
         region="us-east-1", allow_bucket_creation=True,
     )
     filesystem.create_dir(bucket)
+
+
+def today_minus(days: int) -> str:
+    """ISO date ``days`` before today (UTC): tests stay inside the 5-minute
+    rollup and raw retention windows whatever the date."""
+    from datetime import timedelta
+
+    return (datetime.now(UTC).date() - timedelta(days=days)).isoformat()
+
+
+class LakeEnv:
+    """A real embedded log, chDB store, loader, archiver and batch job in one
+    data directory (what the core process of `strata serve` runs)."""
+
+    def __init__(self, tmp: Path, **overrides: Any) -> None:
+        from strata.config import parse_duration_ms
+        from strata.lake.archiver import Archiver
+        from strata.lake.base import Lake
+        from strata.lake.batch import BatchJob
+        from strata.lake.masking import DeletedUsers
+        from strata.loader.loader import Loader
+        from strata.loader.sinks import EVENTS_SINK
+        from strata.log import open_log
+        from strata.store import Store
+
+        self.config = config_for(tmp, **overrides)
+        self.log = open_log(self.config)
+        self.store = Store.open(self.config)
+        self.lake = Lake.open(self.config)
+        self.deleted_users = DeletedUsers(self.config.data_path)
+        self.loader = Loader(
+            self.log, self.store, EVENTS_SINK, self.config.data_path / "loader" / "events",
+            dedup_horizon_ms=parse_duration_ms(self.config.loader.dedup_horizon),
+        )
+        self.archiver = Archiver.from_config(self.config, self.log, self.lake)
+        self.job = BatchJob(
+            self.config, self.store, self.lake, deleted_users=self.deleted_users, log_=self.log
+        )
+
+    def produce(self, events: list[EventRecord]) -> None:
+        produce(self.log, events, self.config.log.partitions)
+
+    def load(self) -> None:
+        while self.loader.run_once(timeout_s=0.05):
+            pass
+
+    def archive(self) -> None:
+        self.archiver.drain()
+
+    def rollup(self, metric: str, granularity: str) -> list[tuple[Any, ...]]:
+        """Finalized rollup rows, every window and dimension, sorted."""
+        m = self.store.metrics_by_name[metric]
+        keys = ", ".join(("window_start",) + m.dimensions)
+        merges = ", ".join(a.merge_expression(a.alias) for a in m.aggregations)
+        _, rows = self.store.query_rows(
+            f"SELECT {keys}, {merges} FROM {m.rollup_table(granularity)} "
+            f"GROUP BY {keys} ORDER BY {keys}"
+        )
+        return [tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows]
+
+    def all_rollups(self) -> dict[str, list[tuple[Any, ...]]]:
+        return {
+            f"{m.name}_{g}": self.rollup(m.name, g)
+            for m in self.store.metrics
+            for g in ("5m", "1d")
+        }
+
+    def close(self) -> None:
+        self.archiver.close()
+        self.loader.close()
+        self.store.close()
+        self.log.close()
