@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("process", help="run the stream processor alone (Redis serving store)")
     add_process_arguments(p)
     p.set_defaults(func=run_processor)
+    from strata.server.roles import add_role_commands
+
+    add_role_commands(sub, common)  # ingest, query-api (distributed shape)
     return parser
 
 

@@ -1,0 +1,341 @@
+"""Role commands of the distributed shape: ``strata ingest`` and ``strata query-api``.
+
+In the distributed shape (docs/deploy.md) every role is its own command,
+reads the same config file, and talks to the others only through the log
+(Kafka), the store (ClickHouse) and Redis:
+
+* ``strata ingest``: ingest workers only, no core. It binds the port, starts
+  ``--workers`` worker processes that accept on it, and restarts them when
+  they die. Each worker serves ``/v1/batch`` and ``/v1/track`` (the same
+  ``IngestService`` and group commit as ``strata serve``), ``/healthz``,
+  ``/readyz`` and ``/metrics``; every other path answers 404 naming the role
+  that serves it. Scale out by running more of them behind a load balancer.
+* ``strata query-api``: the loaders and the query API (metrics, SQL,
+  dashboard, admin), in one process that owns the store. It is the only
+  writer of the streaming tables (one writer per table), so run exactly one
+  per store. It does not run the archiver, the processor or the nightly batch:
+  those are ``strata archive``, ``strata process`` and ``strata batch``.
+
+``strata process`` and ``strata archive`` are defined by their own stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from strata.config import Config, ConfigError, load_config, parse_duration_ms
+
+log = logging.getLogger("strata.roles")
+
+NOT_HERE = (
+    "this is a `strata ingest` node: it serves POST /v1/batch and /v1/track only; "
+    "queries, the dashboard and admin routes are served by `strata query-api`"
+)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {}
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.host:
+        overrides["server.host"] = args.host
+    if args.port is not None:
+        overrides["server.port"] = args.port
+    if getattr(args, "workers", None) is not None:
+        overrides["server.ingest_workers"] = args.workers
+    return load_config(args.config, overrides=overrides)
+
+
+def _listen(config: Config) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.server.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((config.server.host, config.server.port))
+    listener.listen(4096)
+    return listener
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+# --- strata ingest ------------------------------------------------------------------------------
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    """Supervise ingest workers on one port until SIGTERM/SIGINT."""
+    from strata.log import LogError, open_log
+    from strata.server.process import run_dir
+    from strata.server.supervisor import Child
+
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"strata: {exc}", file=sys.stderr)
+        return 2
+    config.data_path.mkdir(parents=True, exist_ok=True)
+    try:
+        open_log(config).close()  # create the topics (idempotent) before any worker appends
+    except LogError as exc:
+        print(f"strata: ingest: the log is not reachable: {exc}", file=sys.stderr)
+        return 1
+    # Several roles may share a data directory, so the resolved config is per process.
+    resolved = run_dir(config) / f"ingest-{os.getpid()}.json"
+    resolved.write_bytes(msgspec.json.encode(config))
+    try:
+        listener = _listen(config)
+    except OSError as exc:
+        print(
+            f"strata: cannot listen on {config.server.host}:{config.server.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    listener.set_inheritable(True)
+    port = listener.getsockname()[1]
+    workers_n = config.server.ingest_workers or max(1, os.cpu_count() or 1)
+    children = [
+        Child(
+            f"ingest-{i}",
+            [
+                sys.executable,
+                "-m",
+                "strata.server.roles",
+                "ingest-worker",
+                "--resolved-config",
+                str(resolved),
+                "--fd",
+                str(listener.fileno()),
+                "--index",
+                str(i),
+            ],
+            pass_fds=(listener.fileno(),),
+        )
+        for i in range(workers_n)
+    ]
+    stop = _stop_on_signals()
+    for child in children:
+        child.start()
+    print(
+        f"strata ingest is running at http://{config.server.host}:{port} "
+        f"({workers_n} worker(s), log: {config.log.backend})",
+        flush=True,
+    )
+    try:
+        while not stop.wait(0.2):
+            for child in children:
+                if not stop.is_set() and not child.alive():
+                    child.restarts += 1
+                    print(f"strata: {child.name} exited; restarting", file=sys.stderr, flush=True)
+                    time.sleep(min(5.0, 0.2 * child.restarts))
+                    child.start()
+    finally:
+        for child in children:
+            child.signal(signal.SIGTERM)
+        for child in children:
+            child.wait(15)
+        listener.close()
+        resolved.unlink(missing_ok=True)
+    return 0
+
+
+def ingest_app(service: Any, metrics_dir: Path) -> Starlette:
+    """The ingest-only app: ingest routes, health, metrics, and a 404 for the rest."""
+    from strata.ingest.app import ingest_routes
+    from strata.server.worker import EXTRA_INGEST_ROUTES
+    from strata.telemetry import REGISTRY, load_snapshots
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "role": "ingest"})
+
+    async def metrics(request: Request) -> Response:
+        # Any worker answers for all workers of this node (their snapshots).
+        merged = REGISTRY.merged_with(load_snapshots(metrics_dir))
+        return PlainTextResponse(merged.render(), media_type="text/plain; version=0.0.4")
+
+    async def elsewhere(request: Request) -> Response:
+        return JSONResponse({"error": NOT_HERE}, status_code=404)
+
+    routes: list[BaseRoute] = list(ingest_routes(service))
+    for factory in EXTRA_INGEST_ROUTES:
+        routes.extend(factory(service))
+    routes += [
+        Route("/healthz", healthz),
+        Route("/readyz", healthz),
+        Route("/metrics", metrics),
+        Route(
+            "/{path:path}",
+            elsewhere,
+            methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"],
+        ),
+    ]
+    return Starlette(routes=routes)
+
+
+def ingest_worker_main(argv: list[str]) -> None:
+    """One ingest worker process of ``strata ingest``."""
+    import uvicorn
+
+    from strata.auth import Keyring
+    from strata.ingest.app import IngestService
+    from strata.ingest.committer import GroupCommitter
+    from strata.log import open_log
+    from strata.logs import setup_logging
+    from strata.server.process import die_with_parent, read_resolved_config, run_dir
+    from strata.server.worker import _snapshot_loop
+
+    parser = argparse.ArgumentParser(prog="strata-ingest-worker")
+    parser.add_argument("--resolved-config", required=True)
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    args = parser.parse_args(argv)
+    die_with_parent()
+    setup_logging(f"ingest-{args.index}")
+    config = read_resolved_config(args.resolved_config)
+    log_ = open_log(config, create_topics=False)
+    committer = GroupCommitter(log_)
+    service = IngestService(config, committer, Keyring(config), log=log_)
+    metrics_dir = run_dir(config) / f"ingest-{os.getppid()}"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    threading.Thread(
+        target=_snapshot_loop,
+        args=(metrics_dir / f"metrics-ingest-{args.index}.json", stop),
+        daemon=True,
+    ).start()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            ingest_app(service, metrics_dir),
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=30,
+            limit_concurrency=2000,
+            h11_max_incomplete_event_size=64 * 1024,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    try:
+        asyncio.run(server.serve(sockets=[socket.socket(fileno=args.fd)]))
+    finally:
+        stop.set()
+        committer.close()
+        log_.close()
+
+
+# --- strata query-api ---------------------------------------------------------------------------
+
+
+def open_query_pipeline(config: Config) -> Any:
+    """The core's ``Pipeline`` with the loaders and the query layer only: no
+    archiver and no nightly batch (their own roles run those)."""
+    from strata.auth import Keyring
+    from strata.loader.loader import Loader
+    from strata.loader.sinks import SINKS
+    from strata.log import open_log
+    from strata.server.pipeline import Pipeline
+    from strata.store import Store
+
+    log_ = open_log(config)
+    store = Store.open(config)
+    pipeline = Pipeline(config=config, log=log_, store=store, keyring=Keyring(config))
+    horizon = parse_duration_ms(config.loader.dedup_horizon)
+    for topic, sink in SINKS.items():
+        pipeline.loaders[topic] = Loader(
+            log_,
+            store,
+            sink,
+            config.data_path / "loader" / topic,
+            dedup_horizon_ms=horizon,
+            max_batch_events=config.loader.max_batch_events,
+            max_wait_ms=config.loader.max_wait_ms,
+        )
+    return pipeline
+
+
+def run_query_api(args: argparse.Namespace) -> int:
+    """Load the log into the store and serve the query API until SIGTERM."""
+    import uvicorn
+
+    from strata.logs import setup_logging
+    from strata.server.core import build_app
+
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"strata: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("query-api")
+    config.data_path.mkdir(parents=True, exist_ok=True)
+    try:
+        listener = _listen(config)
+    except OSError as exc:
+        print(
+            f"strata: cannot listen on {config.server.host}:{config.server.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    pipeline = open_query_pipeline(config)
+    pipeline.start()
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_app(pipeline),  # its lifespan stops the pipeline (drains the loaders)
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    print(
+        f"strata query-api is running at http://{config.server.host}:{port} "
+        f"(store: {config.store.backend}, log: {config.log.backend})",
+        flush=True,
+    )
+    server.run(sockets=[listener])
+    return 0
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def add_role_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add ``ingest`` and ``query-api`` to the ``strata`` command line."""
+    p = sub.add_parser("ingest", help="distributed shape: run ingest workers only (no core)")
+    common(p)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    p.set_defaults(func=run_ingest)
+
+    p = sub.add_parser(
+        "query-api", help="distributed shape: run the loaders and the query API (owns the store)"
+    )
+    common(p)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=run_query_api)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["ingest-worker"]:
+        ingest_worker_main(sys.argv[2:])
+    else:
+        raise SystemExit("usage: python -m strata.server.roles ingest-worker --resolved-config ...")
