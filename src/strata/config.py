@@ -114,6 +114,9 @@ class ProcessorConfig(_Section):
     # Partitions of topic "events" this processor owns (empty: all). Several
     # `strata process --partitions ...` split them statically.
     partitions: list[int] = []
+    # Run the processor inside `strata serve` (a thread of the core process).
+    # Set false when separate `strata process` workers own the partitions.
+    embedded: bool = True
 
 
 class ServingConfig(_Section):

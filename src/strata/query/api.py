@@ -271,11 +271,19 @@ def _query_layer_routes(api: CoreAPI) -> list[Route]:
     return [*metrics_routes(api), *token_routes(api), *openapi_routes(api)]
 
 
+def _live_metric_routes(api: CoreAPI) -> list[Route]:
+    """Any configured metric from rollups + live windows (strata.serving.api)."""
+    from strata.serving.api import live_metric_routes
+
+    return live_metric_routes(api)
+
+
 def core_routes(api: CoreAPI) -> list[Route]:
     return [
         Route("/v1/sql", json_endpoint(api.sql), methods=["POST"]),
         *_query_layer_routes(api),
         Route("/v1/metrics/events", json_endpoint(api.events_metric), methods=["GET"]),
+        *_live_metric_routes(api),  # /v1/metrics/{name}: after every specific metrics route
         Route("/v1/status", json_endpoint(api.status), methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),

@@ -67,6 +67,11 @@ class Pipeline:
         from strata.lake.wiring import register_lake  # archiver, nightly batch, retention
 
         register_lake(pipeline)
+        if config.processor.embedded:
+            from strata.processor.runner import Processor
+            from strata.serving import open_serving
+
+            pipeline.components["processor"] = Processor(config, log_, open_serving(config))
         return pipeline
 
     def start(self) -> None:
