@@ -166,34 +166,38 @@ def test_cache_roundtrip_and_range_invalidation(cache: ResultCache) -> None:
     key_a = fingerprint("SELECT 1", day, "alice")
     key_b = fingerprint("SELECT 1", day, "bob")
     assert key_a != key_b
-    cache.put(key_a, result.encode(), 60_000, day)
-    cache.put(
-        fingerprint("SELECT 2", TimeRange(5_000_000, 6_000_000), "alice"),
-        b"x",
-        60_000,
-        TimeRange(5_000_000, 6_000_000),
-    )
-    cache.put(fingerprint("SELECT 3", TimeRange(), "alice"), b"y", 60_000, TimeRange())
-    payload = cache.get(key_a)
-    assert payload is not None and QueryResult.decode(payload).rows == result.rows
+    other = QueryResult(["x"], [(1,)])
+    cache.put(key_a, result, 60_000, day)
+    disjoint = TimeRange(5_000_000, 6_000_000)
+    cache.put(fingerprint("SELECT 2", disjoint, "alice"), other, 60_000, disjoint)
+    cache.put(fingerprint("SELECT 3", TimeRange(), "alice"), other, 60_000, TimeRange())
+    cached = cache.get(key_a)
+    assert cached is not None and cached.rows == result.rows and cached.columns == result.columns
+    assert cached.meta == {"served_from": "rollup_5m"}
+    cached.meta["cache"] = "hit"  # a caller's change does not leak into the entry
+    again = cache.get(key_a)
+    assert again is not None and "cache" not in again.meta
     assert cache.get(key_b) is None
     # A revision of [1.5M, 1.6M) removes the overlapping entry and the
     # unbounded one, and keeps the disjoint one.
     assert cache.invalidate(1_500_000, 1_600_000) == 2
     assert cache.get(key_a) is None
-    assert cache.get(fingerprint("SELECT 2", TimeRange(5_000_000, 6_000_000), "alice")) == b"x"
+    kept = cache.get(fingerprint("SELECT 2", TimeRange(5_000_000, 6_000_000), "alice"))
+    assert kept is not None and kept.rows == [(1,)]
 
 
 def test_cache_entries_expire(cache: ResultCache) -> None:
     key = fingerprint("SELECT 9", TimeRange(), "u")
-    cache.put(key, b"v", 50, TimeRange())
+    cache.put(key, QueryResult(["v"], [(1,)]), 50, TimeRange())
     deadline = time.monotonic() + 10
     while cache.get(key) is not None:
         assert time.monotonic() < deadline, "entry never expired"
         time.sleep(0.05)
 
 
-def test_tokens_cli_creates_lists_and_revokes(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tokens_cli_creates_lists_and_revokes(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     from strata.auth import Keyring

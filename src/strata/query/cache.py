@@ -2,8 +2,10 @@
 
 Contract (both backends):
 
-* ``get(key)`` returns the bytes stored by ``put`` until its TTL passes or
-  an ``invalidate`` overlapping its time range removes it; else None.
+* ``get(key)`` returns a copy of the ``QueryResult`` stored by ``put``
+  until its TTL passes or an ``invalidate`` overlapping its time range
+  removes it; else None. The memory backend keeps the object itself (a hit
+  costs a dict lookup); Redis keeps its typed msgpack form.
 * ``put(key, value, ttl_ms, time_range)`` stores ``value``; the entry's
   time range is what ``invalidate(start_ms, end_ms)`` compares against
   (unbounded sides overlap everything).
@@ -25,6 +27,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from strata.query.results import QueryResult
 from strata.query.router import TimeRange
 
 _UNBOUNDED = 2**62
@@ -51,10 +54,10 @@ class ResultCache:
 
     backend = "none"
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> QueryResult | None:
         raise NotImplementedError
 
-    def put(self, key: str, value: bytes, ttl_ms: int, time_range: TimeRange) -> None:
+    def put(self, key: str, value: QueryResult, ttl_ms: int, time_range: TimeRange) -> None:
         raise NotImplementedError
 
     def invalidate(self, start_ms: int, end_ms: int) -> int:
@@ -74,10 +77,10 @@ class MemoryCache(ResultCache):
 
     def __init__(self, max_entries: int = 10_000) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[bytes, float, int, int]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[QueryResult, float, int, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> QueryResult | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -86,14 +89,17 @@ class MemoryCache(ResultCache):
                 del self._entries[key]
                 return None
             self._entries.move_to_end(key)
-            return entry[0]
+            stored = entry[0]
+        # Rows are tuples (immutable) and shared; meta is per answer.
+        return QueryResult(stored.columns, stored.rows, dict(stored.meta))
 
-    def put(self, key: str, value: bytes, ttl_ms: int, time_range: TimeRange) -> None:
+    def put(self, key: str, value: QueryResult, ttl_ms: int, time_range: TimeRange) -> None:
         if ttl_ms <= 0:
             return
         start, end = _bounds(time_range)
         with self._lock:
-            self._entries[key] = (value, time.monotonic() + ttl_ms / 1000, start, end)
+            stored = QueryResult(list(value.columns), list(value.rows), dict(value.meta))
+            self._entries[key] = (stored, time.monotonic() + ttl_ms / 1000, start, end)
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
@@ -129,16 +135,16 @@ class RedisCache(ResultCache):
         self.index = prefix + "ranges"
         self._puts = 0
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> QueryResult | None:
         value = self.redis.get(self.prefix + key)
-        return bytes(value) if value is not None else None
+        return QueryResult.decode(bytes(value)) if value is not None else None
 
-    def put(self, key: str, value: bytes, ttl_ms: int, time_range: TimeRange) -> None:
+    def put(self, key: str, value: QueryResult, ttl_ms: int, time_range: TimeRange) -> None:
         if ttl_ms <= 0:
             return
         start, end = _bounds(time_range)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.prefix + key, value, px=int(ttl_ms))
+        pipe.set(self.prefix + key, value.encode(), px=int(ttl_ms))
         pipe.zadd(self.index, {f"{key}|{end}": start})
         pipe.execute()
         self._puts += 1

@@ -135,11 +135,10 @@ class QueryService:
         """The cached answer for (kind, normalized, time_range, user), or
         ``compute()``'s, stored with the TTL its completeness allows."""
         key = fingerprint(normalized, time_range, user, kind)
-        payload = self.cache.get(key)
-        if payload is not None:
+        result = self.cache.get(key)
+        if result is not None:
             self.stats["hits"] += 1
             REGISTRY.inc("strata_query_cache_total", 1, {"result": "hit"})
-            result = QueryResult.decode(payload)
             result.meta["cache"] = "hit"
             return result
         self.stats["misses"] += 1
@@ -148,7 +147,7 @@ class QueryService:
         completeness = self.completeness(time_range)
         result.meta.update(completeness)
         result.meta["cache"] = "miss"
-        self.cache.put(key, result.encode(), self.ttl_for(completeness), time_range)
+        self.cache.put(key, result, self.ttl_for(completeness), time_range)
         return result
 
     def run(
