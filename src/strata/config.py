@@ -84,6 +84,12 @@ class LogConfig(_Section):
     allow_drop_uncommitted: bool = False
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_replication_factor: int = 1
+    # How long a silent consumer-group member keeps its partitions: after a
+    # crash (kill -9) its partitions move to the others after at most this.
+    kafka_session_timeout_ms: int = 6000
+    # Extra librdkafka settings for every client, e.g. security.protocol,
+    # sasl.mechanism, sasl.username, sasl.password, ssl.ca.location.
+    kafka_client_config: dict[str, str] = {}
 
 
 class StoreConfig(_Section):

@@ -52,11 +52,15 @@ def open_log(config: Config, *, create_topics: bool = True) -> Log:
             allow_drop_uncommitted=settings.allow_drop_uncommitted,
         )
     elif settings.backend == "kafka":
-        from strata.log.kafka import KafkaLog  # type: ignore[import-not-found]
+        from strata.log.kafka import KafkaLog
 
         log = KafkaLog(
             settings.kafka_bootstrap_servers,
             replication_factor=settings.kafka_replication_factor,
+            # New topics get the log's retention as their retention.ms.
+            retention_ms=parse_duration_ms(settings.retention),
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            client_config=dict(settings.kafka_client_config),
         )
     else:  # guarded by the config's Literal type
         raise ValueError(f"log.backend: unknown backend {settings.backend!r}")
