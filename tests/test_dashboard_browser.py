@@ -30,7 +30,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, QUERY_TOKEN, WRITE_KEY, StrataServer
+if __name__ == "__main__":  # run as a script: make `tests` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.conftest import ADMIN_TOKEN, QUERY_TOKEN, WRITE_KEY, StrataServer  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -263,8 +265,15 @@ def test_panels_show_the_numbers_the_metrics_api_returns(dash: dict[str, Any], p
     steps = [value(page, f"#funnel-table tr[data-step='{s}'] td.num") for s in
              ["page_view", "signup", "add_to_cart", "purchase"]]
     assert steps[0] and steps[0] >= steps[1] >= steps[2] >= steps[3] > 0
-    # The seed metric's panel has windows; every panel can show its API calls.
+    # The seed metric's panel reads its live endpoint and draws the windows
+    # the API reports open as provisional.
     assert int(page.get_attribute("#panel-pageviews", "data-windows")) >= 1
+    assert url_is_live(api_calls(page, "pageviews"))
+    live = api.get(api_calls(page, "pageviews")[-1]).json()
+    if live["open_windows"]:
+        assert int(page.get_attribute("#panel-pageviews", "data-open-windows")) >= 1
+        assert "provisional" in page.text_content("#panel-pageviews .panel-status")
+    # Every panel can show its API calls.
     for panel in PANELS:
         assert api_calls(page, panel), panel
         page.click(f"#panel-{panel} details.query summary")
@@ -442,7 +451,10 @@ def test_the_page_works_with_the_redis_serving_store(
 
         def compare() -> tuple[bool, str]:
             url = api_calls(page, "pageviews")[-1]
-            rows = api.get(url).json()["rows"]
+            answer = api.get(url).json()
+            rows = answer["rows"]
+            # The open windows come from the serving store, i.e. from Redis.
+            assert "serving" in answer["served_from"], answer["served_from"]
             want = float(sum(r.get("views", r.get("events", 0)) for r in rows))
             got = float(page.get_attribute("#panel-pageviews", "data-total") or -1)
             dau_url = next(u for u in api_calls(page, "users") if u.startswith("/v1/metrics/dau"))
@@ -458,13 +470,40 @@ def test_the_page_works_with_the_redis_serving_store(
             ok, detail = compare()
         assert ok, detail
         assert value(page, "#today-events-value") == server.scalar("SELECT count() FROM events")
+        assert url_is_live(api_calls(page, "pageviews"))
+        assert "serving" in page.text_content("#panel-pageviews .panel-status")
+        import redis
+
+        assert redis.Redis.from_url(redis_url).dbsize() > 0  # the live windows live there
         screenshot(page, "dashboard-redis.png")
         assert not page.errors.errors
     finally:
         server.stop()
 
 
+def url_is_live(urls: list[str]) -> bool:
+    """The panel read the configured metric's live endpoint (no fallback)."""
+    return any(u.startswith("/v1/metrics/page_views_by_country") for u in urls) and not any(
+        u.startswith("/v1/metrics/count") for u in urls
+    )
+
+
 # -- the README screenshot ----------------------------------------------------------------------
+def backfill_demo_history(url: str, minutes: int = 50, per_minute: int = 240) -> None:
+    """Demo traffic for the last ``minutes``, oldest first (so it is on time
+    for the processor), so the charts have history to show."""
+    from strata.generate import TrafficModel
+
+    model = TrafficModel(seed=11)
+    now = int(time.time() * 1000)
+    with httpx.Client(timeout=60) as client:
+        for offset in range(minutes, 0, -1):
+            batch = model.batch(per_minute, now - offset * 60_000)
+            response = client.post(f"{url}/v1/batch", json={"batch": batch},
+                                   headers={"Authorization": f"Bearer {WRITE_KEY}"})
+            response.raise_for_status()
+
+
 def take_demo_screenshot(path: Path) -> None:
     """Start strata with demo traffic and screenshot the dashboard."""
     import tempfile
@@ -473,9 +512,10 @@ def take_demo_screenshot(path: Path) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         server = StrataServer(Path(tmp) / "data").start()
-        traffic = run_traffic(server.url, total=20_000, rate=400)
+        backfill_demo_history(server.url)
+        traffic = run_traffic(server.url, total=6_000, rate=60)
         try:
-            time.sleep(25)
+            time.sleep(15)
             with sync_playwright() as p:
                 instance = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 tab = instance.new_page(viewport={"width": 1400, "height": 1500})
@@ -483,7 +523,7 @@ def take_demo_screenshot(path: Path) -> None:
                 tab.wait_for_selector("#panel-pageviews[data-ready]", timeout=60_000)
                 tab.click("#sql-run")
                 tab.wait_for_selector("#panel-explorer[data-state=done]", timeout=60_000)
-                time.sleep(6)
+                time.sleep(11)  # two refreshes: events/s has samples
                 tab.screenshot(path=str(path), full_page=True)
                 instance.close()
         finally:
@@ -492,7 +532,6 @@ def take_demo_screenshot(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     if len(sys.argv) == 3 and sys.argv[1] == "--screenshot":
         take_demo_screenshot(Path(sys.argv[2]))
     else:

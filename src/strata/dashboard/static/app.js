@@ -702,6 +702,11 @@
       setValue("health-reject", rejected, `${fmtNumber(rejected, 1)} /s (${share.toFixed(1)} %)`);
     }
     setValue("health-lag", status.lag_events, fmtNumber(status.lag_events));
+    // Say who holds the lag: the archiver batches by design (lake.roll_interval).
+    const laggards = Object.entries(status.consumers || {})
+      .filter(([, info]) => info && Number(info.lag_events) > 0)
+      .sort((a, b) => b[1].lag_events - a[1].lag_events);
+    $("health-lag-note").textContent = laggards.length ? `most: ${laggards[0][0]}` : "all caught up";
     const watermark = parseTime(status.watermark);
     const delay = watermark === null ? null : Date.now() - watermark;
     setValue("health-watermark", delay, watermark === null ? "no events yet" : fmtDuration(delay));
