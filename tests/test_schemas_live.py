@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from tests.conftest import ADMIN_TOKEN, WRITE_KEY, StrataServer
 from tests.fixtures_sdk import wait_loaded
 

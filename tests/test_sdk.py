@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-
-from strata.sdk import AsyncClient, Client, QueueFull
 from tests.conftest import WRITE_KEY, StrataServer
 from tests.fixtures_sdk import ScriptedServer, wait_loaded
+
+from strata.sdk import AsyncClient, Client, QueueFull
 
 
 @pytest.fixture

@@ -7,9 +7,10 @@ import threading
 import uuid
 from typing import Any
 
-from strata.sdk import Client
 from tests.conftest import WRITE_KEY
 from tests.fixtures_sdk import wait_loaded
+
+from strata.sdk import Client
 
 
 def test_kill9_and_restart_mid_stream_50k_exactly_once(server_factory: Any) -> None:

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import segment.analytics as analytics
-
-from strata.ingest.segment import map_message
 from tests.conftest import WRITE_KEY
 from tests.fixtures_sdk import ScriptedServer, wait_loaded
+
+from strata.ingest.segment import map_message
 
 
 def test_mapping_of_one_message() -> None:

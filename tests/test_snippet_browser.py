@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tests.conftest import WRITE_KEY
 from tests.fixtures_sdk import wait_loaded
 

@@ -14,8 +14,8 @@ import asyncio
 import logging
 import time
 import zlib
-from datetime import datetime
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from importlib import resources
 from typing import Any
 

@@ -101,7 +101,7 @@ def compile_schema(schema: Any, where: str = "schema") -> Callable[[Any], Any]:
     if kind != "object":
         raise SchemaError(f"{where}.type: a schema describes the properties object; use 'object'")
     try:
-        return fastjsonschema.compile(schema)  # type: ignore[no-any-return]
+        return fastjsonschema.compile(schema)
     except fastjsonschema.JsonSchemaDefinitionException as exc:
         raise SchemaError(f"{where}: invalid JSON Schema: {exc}") from exc
     except Exception as exc:  # the compiler raises plain errors on odd input
