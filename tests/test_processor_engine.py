@@ -446,15 +446,21 @@ def test_engine_equals_per_event_reference(raw, cuts) -> None:
         cut_index += 1
         chunk = events[position : position + size]
         position += size
-        # A poll hands out runs of one partition; keep the arrival order.
+        # A cycle hands out runs of one partition each; keep the arrival order.
+        runs: list[tuple[int, pa.Table, int]] = []
         run: list[dict[str, Any]] = []
         run_partition = chunk[0][0]
         for partition, e in chunk + [(-1, {})]:
             if partition != run_partition:
-                outputs.extend(subject.process(run_partition, table(run), 0))
+                runs.append((run_partition, table(run), 0))
                 run, run_partition = [], partition
             if partition >= 0:
                 run.append(e)
+        if cut_index % 2:
+            outputs.extend(subject.process_many(runs, 0))
+        else:
+            for partition, rows, offset in runs:
+                outputs.extend(subject.process(partition, rows, 0, offset))
 
     got_finals = {
         (s.metric, s.window_start, tuple(s.dims)): engine_result(s.metric, s) for s in outputs.finals

@@ -163,12 +163,6 @@ class WindowEngine:
         self.shard = shard
         self.max_ts: dict[int, int] = {p: NO_TIME for p in self.partitions}
         self.last_active: dict[int, int] = {p: now_ms for p in self.partitions}
-        usage: dict[str, int] = {}
-        for rt in self.metrics:
-            for aggregation in rt.metric.aggregations:
-                if aggregation.function == "uniq" and aggregation.column:
-                    usage[aggregation.column] = usage.get(aggregation.column, 0) + 1
-        self._shared_hash_columns = {c for c, n in usage.items() if n > 1}
 
     # -- watermarks ------------------------------------------------------------------------
     def _active(self, now_ms: int) -> list[int]:
@@ -190,36 +184,74 @@ class WindowEngine:
     def process(
         self, partition: int, table: pa.Table, now_ms: int, first_offset: int = 0
     ) -> Step:
-        """Add one run of records of ``partition``, in arrival order.
+        """Add one run of records of ``partition``, in arrival order (see
+        ``process_many``)."""
+        return self.process_many([(partition, table, first_offset)], now_ms)
 
-        ``table`` has the event columns of ``strata.loader.sinks.EVENTS_SINK``.
-        Returns final firings, late events, revisions and evictions caused by
-        this batch (including the watermark advance at its end)."""
+    def process_many(
+        self, runs: Sequence[tuple[int, pa.Table, int]], now_ms: int
+    ) -> Step:
+        """Add runs of records ``(partition, table, first_offset)``, in
+        arrival order: the records of ``runs[0]``, then ``runs[1]``, ...
+
+        Tables have the event columns of ``strata.loader.sinks.EVENTS_SINK``.
+        Every partition with records here counts as active at ``now_ms`` for
+        the whole call. Each event is judged against the watermark as it
+        stood just before it (running maxima per partition over the
+        concatenated runs), so the outcome equals feeding the events one at
+        a time. Returns final firings, late events, revisions and evictions,
+        including those of the watermark advance at the end."""
+        runs = [run for run in runs if run[1].num_rows]
         step = Step()
-        n = table.num_rows
-        if n == 0:
+        if not runs:
             return step
-        self.last_active[partition] = now_ms
+        table = runs[0][1] if len(runs) == 1 else pa.concat_tables([r[1] for r in runs])
+        n = table.num_rows
+        sizes = [r[1].num_rows for r in runs]
+        partition_of = np.repeat(np.array([r[0] for r in runs], dtype=np.int64), sizes)
+        offset_of = np.concatenate(
+            [np.arange(r[2], r[2] + r[1].num_rows, dtype=np.int64) for r in runs]
+        )
+        for partition, _, _ in runs:
+            self.last_active[partition] = now_ms
         ts = table.column("ts").to_numpy()
         if ts.dtype != np.int64:
             ts = ts.astype(np.int64)
-        others = min(
-            (self.max_ts[p] for p in self._active(now_ms) if p != partition), default=FAR_FUTURE
+        present = {r[0] for r in runs}
+        combined_before = np.full(
+            n,
+            min((self.max_ts[p] for p in self._active(now_ms) if p not in present), default=FAR_FUTURE),
+            dtype=np.int64,
         )
-        # Max event time of the partition *before* each event.
-        prefix = np.empty(n, dtype=np.int64)
-        prefix[0] = self.max_ts[partition]
-        if n > 1:
-            np.maximum.accumulate(ts[:-1], out=prefix[1:])
-            np.maximum(prefix[1:], self.max_ts[partition], out=prefix[1:])
-        combined_before = np.minimum(prefix, others)
+        # Max event time of each partition *before* each event: constant
+        # outside the partition's runs, a running maximum inside them.
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        for partition in sorted(present):
+            current = self.max_ts[partition]
+            done = 0
+            for index, run in enumerate(runs):
+                if run[0] != partition:
+                    continue
+                a, b = int(bounds[index]), int(bounds[index + 1])
+                if a > done:
+                    np.minimum(combined_before[done:a], current, out=combined_before[done:a])
+                before = np.empty(b - a, dtype=np.int64)
+                before[0] = current
+                if b - a > 1:
+                    np.maximum.accumulate(ts[a : b - 1], out=before[1:])
+                    np.maximum(before[1:], current, out=before[1:])
+                np.minimum(combined_before[a:b], before, out=combined_before[a:b])
+                current = max(current, int(ts[a:b].max()))
+                done = b
+            if done < n:
+                np.minimum(combined_before[done:], current, out=combined_before[done:])
+            self.max_ts[partition] = current
         cache: dict[str, Any] = {}
         pending_late = []
         for rt in self.metrics:
             late = self._process_metric(rt, table, ts, combined_before, cache)
             if late is not None:
                 pending_late.append((rt, late))
-        self.max_ts[partition] = max(self.max_ts[partition], int(ts.max()))
         # Same order as one event at a time: on-time events are in, windows
         # fire, then late events revise the (frozen) final windows.
         self._update_watermarks(now_ms)
@@ -229,7 +261,7 @@ class WindowEngine:
             metric = rt.metric
             done = metric.window_ms + metric.allowed_lateness_ms
             held = starts + done + self.retention_ms > watermarks
-            self._late(rt, table, partition, first_offset, rows, starts, watermarks, held, step)
+            self._late(rt, table, partition_of, offset_of, rows, starts, watermarks, held, step)
             if held.any():
                 self._aggregate(rt, table, rows[held], starts[held], cache, late=True)
                 for start in np.unique(starts[held]).tolist():
@@ -284,8 +316,8 @@ class WindowEngine:
         self,
         rt: _MetricRuntime,
         table: pa.Table,
-        partition: int,
-        first_offset: int,
+        partition_of: np.ndarray,
+        offset_of: np.ndarray,
         rows: np.ndarray,
         starts: np.ndarray,
         watermarks: np.ndarray,
@@ -312,19 +344,20 @@ class WindowEngine:
                     window_start=start,
                     window_end=start + metric.window_ms,
                     watermark=int(watermarks[i]),
-                    partition=partition,
-                    offset=first_offset + int(rows[i]),
+                    partition=int(partition_of[rows[i]]),
+                    offset=int(offset_of[rows[i]]),
                     window_held=bool(held[i]),
                 )
             )
 
     def _hashes(self, table: pa.Table, column: str, rows: np.ndarray, cache: dict[str, Any]) -> np.ndarray:
-        if column in self._shared_hash_columns:
-            key = f"hash:{column}"
-            if key not in cache:
-                cache[key] = hash_strings(table.column(column))
-            return cache[key][rows]
-        return hash_strings(table.column(column).take(rows))
+        # Hash each distinct value once: dictionary-encode, hash the dictionary.
+        key = f"hash:{column}"
+        if key not in cache:
+            codes, dictionary = self._codes(table, column, cache)
+            cache[key] = hash_strings(dictionary)[codes]
+        hashes: np.ndarray = cache[key][rows]
+        return hashes
 
     def _codes(self, table: pa.Table, column: str, cache: dict[str, Any]) -> tuple[np.ndarray, pa.Array]:
         key = f"dict:{column}"
@@ -453,7 +486,10 @@ class WindowEngine:
         exact_rows = ~is_hll[group_ids]
         if exact_rows.any():
             g_sel, h_sel = group_ids[exact_rows], hashes[exact_rows]
-            order = np.lexsort((h_sel, g_sel))
+            # Sort by hash, then stably by group (radix sort on small ints).
+            by_hash = np.argsort(h_sel)
+            group_type = np.int16 if len(states) < 2**15 else np.int64
+            order = by_hash[np.argsort(g_sel[by_hash].astype(group_type), kind="stable")]
             g_sorted, h_sorted = g_sel[order], h_sel[order]
             keep = np.ones(len(order), dtype=bool)
             keep[1:] = (g_sorted[1:] != g_sorted[:-1]) | (h_sorted[1:] != h_sorted[:-1])

@@ -141,7 +141,17 @@ class UniqSketch:
         """Add already-deduplicated, sorted hashes."""
         if self.registers is None:
             assert self.exact is not None
-            merged = np.union1d(self.exact, unique_hashes)
+            exact = self.exact
+            if len(exact):
+                # Both sides are sorted and unique: insert only the new ones.
+                position = np.searchsorted(exact, unique_hashes)
+                found = exact[np.minimum(position, len(exact) - 1)] == unique_hashes
+                if found.all():
+                    return
+                fresh = ~found
+                merged = np.insert(exact, position[fresh], unique_hashes[fresh])
+            else:
+                merged = unique_hashes.astype(np.uint64, copy=True)
             if len(merged) <= EXACT_LIMIT:
                 self.exact = merged
                 return
