@@ -55,7 +55,7 @@ def lake_routes(pipeline: Any) -> list[Route]:
 
     async def delete_user(request: Request) -> Any:
         api.require(request, "admin")
-        user_id = _string(await _body(request), "user_id")
+        user_id = _string(await _body(request), "user_id") or ""
         from strata.lake.gdpr import delete_user as run
 
         job = scheduler().job

@@ -160,7 +160,7 @@ class Archiver:
     def _read_exactly(self, ranges: dict[int, tuple[int, int]]) -> dict[int, list[bytes]]:
         """The records of a planned range, read again from the log."""
         collected: dict[int, list[bytes]] = {}
-        for partition, (first, last) in ranges.items():
+        for partition, (first, _) in ranges.items():
             self.consumer.seek(partition, first)
         remaining = dict(ranges)
         deadline = time.monotonic() + 120

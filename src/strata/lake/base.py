@@ -124,7 +124,7 @@ def resolve(uri: str, *, s3_endpoint: str = "", s3_region: str = "us-east-1") ->
         if os.environ.get("AWS_ACCESS_KEY_ID"):
             options["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
             options["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
-        filesystem = pafs.S3FileSystem(**options)  # type: ignore[arg-type]
+        filesystem = pafs.S3FileSystem(**options)
         root = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
         return filesystem, root
     if parsed.scheme in ("", "file"):

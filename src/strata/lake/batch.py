@@ -89,7 +89,11 @@ class ReconciliationRow:
 
     @property
     def difference(self) -> float:
-        return self.batch_value - self.streaming_value
+        """batch - streaming; float sums that differ only by summation order
+        (relative 1e-9) count as equal."""
+        difference = self.batch_value - self.streaming_value
+        scale = max(abs(self.batch_value), abs(self.streaming_value), 1.0)
+        return 0.0 if abs(difference) <= 1e-9 * scale else difference
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -37,9 +37,9 @@ def _server(config: Config, args: argparse.Namespace) -> tuple[str, str] | None:
 
     try:
         httpx.get(f"{url}/healthz", timeout=5)
-    except httpx.HTTPError:
+    except httpx.HTTPError as exc:
         if getattr(args, "url", None):
-            raise SystemExit(_fail(f"cannot reach {url}"))
+            raise SystemExit(_fail(f"cannot reach {url}: {exc}")) from exc
         return None  # a stale serve.json: the server is gone
     token = getattr(args, "token", None) or _token(config, None)
     if token is None:
