@@ -40,11 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pyarrow as pa
 
 from strata.config import Config, ConfigError, parse_duration_ms
 from strata.durable import atomic_write_bytes
 from strata.events import now_ms
-from strata.loader.sinks import EVENTS_SINK
+from strata.loader.sinks import EVENTS_SINK, Sink
 from strata.log.base import Consumer, Log, OffsetOutOfRange, RecordBatch
 from strata.metrics import Metric, compile_metrics
 from strata.processor.engine import (
@@ -71,6 +72,22 @@ def shard_name(partitions: Sequence[int], total: int) -> str:
     return "p" + "-".join(str(p) for p in sorted(partitions))
 
 
+def input_decoder(metrics: Sequence[Metric]) -> Sink:
+    """The events sink restricted to the columns the metrics read (plus what
+    late-event records carry): parsing fewer JSON fields is about twice as
+    fast, and JSON decoding bounds the processor's throughput."""
+    from sqlglot import exp
+
+    needed = {"event_id", "event_type", "distinct_id", "ts", "received_at"}
+    for metric in metrics:
+        needed.update(metric.dimensions)
+        needed.update(a.column for a in metric.aggregations if a.column)
+        if metric.filter is not None:
+            needed.update(c.name for c in metric.filter.find_all(exp.Column))
+    schema = pa.schema([f for f in EVENTS_SINK.schema if f.name in needed])
+    return Sink(topic="events", table="events", schema=schema)
+
+
 class Processor:
     """Runs the engine over the partitions it owns. ``run(stop_event)`` in a
     thread (``strata serve``) or alone (``strata process``)."""
@@ -91,6 +108,7 @@ class Processor:
         self.serving = serving
         self.metrics: list[Metric] = compile_metrics(config.metrics)
         self.metrics_by_name = {m.name: m for m in self.metrics}
+        self.decoder = input_decoder(self.metrics)
         settings = config.processor
         total = log_.partitions("events")
         chosen = list(partitions or settings.partitions or range(total))
@@ -277,7 +295,7 @@ class Processor:
             values: list[bytes] = []
             for partition in order:
                 values.extend(batches[partition].values)
-            table = EVENTS_SINK.decode(values)  # one JSON parse for the whole cycle
+            table = self.decoder.decode(values)  # one JSON parse for the whole cycle
             runs = []
             position = 0
             for partition in order:
