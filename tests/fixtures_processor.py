@@ -28,7 +28,17 @@ def redis_url() -> Iterator[str]:
         pytest.fail(f"{REDIS_SERVER} is required for the Redis serving tests")
     port = free_port()
     process = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -58,8 +68,9 @@ def redis_url() -> Iterator[str]:
 BASE_MS = (int(time.time() * 1000) // 86_400_000 - 1) * 86_400_000
 
 
-def make_events(count: int, *, seed: int = 7, span_ms: int = 2 * 3_600_000,
-                late_share: float = 0.01) -> list[dict]:
+def make_events(
+    count: int, *, seed: int = 7, span_ms: int = 2 * 3_600_000, late_share: float = 0.01
+) -> list[dict]:
     """Events in arrival order: time mostly increasing with small disorder,
     plus a share far behind (late for the default 30 s bound)."""
     import random

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.fixtures_processor import fill_log, make_events, read_topic, redis_url  # noqa: F401
 
 from strata.config import load_config
 from strata.log import open_log
 from strata.processor.engine import decode_snapshot
 from strata.serving.redis import RedisServingStore
-from tests.fixtures_processor import fill_log, make_events, read_topic, redis_url  # noqa: F401
 
 ALL = "all"
 
@@ -75,7 +75,9 @@ def wait_ready(process: subprocess.Popen[bytes], log_path: Path, starts: int) ->
         time.sleep(0.02)
 
 
-def run_to_end(config_path: Path, data_dir: Path, total: int, kills: int, rng: random.Random) -> int:
+def run_to_end(
+    config_path: Path, data_dir: Path, total: int, kills: int, rng: random.Random
+) -> int:
     log_path = data_dir.parent / f"{data_dir.name}-processor.log"
     killed = starts = 0
     process = start(config_path, log_path)
@@ -108,7 +110,10 @@ def run_to_end(config_path: Path, data_dir: Path, total: int, kills: int, rng: r
 def serving_contents(store: RedisServingStore, metrics: list[str]) -> dict:
     return {
         name: (
-            [(s.key, s.count, s.values, s.final, s.revision) for s in store.windows(name, 0, 2**62)],
+            [
+                (s.key, s.count, s.values, s.final, s.revision)
+                for s in store.windows(name, 0, 2**62)
+            ],
             store.revised(name, 0, 2**62),
         )
         for name in metrics
@@ -157,10 +162,14 @@ def test_kill_9_five_times_equals_an_uninterrupted_run(tmp_path: Path, redis_url
 
     # Final state: the same engine snapshot (watermarks, windows, sketches).
     def final_state(data_dir: Path) -> dict:
-        snapshot = decode_snapshot((data_dir / "processor" / ALL / "checkpoint.msgpack").read_bytes())
+        snapshot = decode_snapshot(
+            (data_dir / "processor" / ALL / "checkpoint.msgpack").read_bytes()
+        )
         return snapshot["engine"]["metrics"]
 
     assert final_state(crashed_dir) == final_state(reference_dir)
     log = open_log(crashed_config)
-    assert sum(log.end_offsets("window_results").values()) >= len(read_topic(crashed_config, "window_results"))
+    assert sum(log.end_offsets("window_results").values()) >= len(
+        read_topic(crashed_config, "window_results")
+    )
     log.close()

@@ -80,9 +80,11 @@ def engine(metrics=(SEED,), partitions=(0,), idle=10**12, retention=3_600_000, n
 
 def values_of(state) -> dict[str, Any]:
     metric = SEED
-    return finalize(metric, state.count, [
-        UniqSketch.from_bytes(v) if isinstance(v, bytes) else v for v in state.values
-    ])
+    return finalize(
+        metric,
+        state.count,
+        [UniqSketch.from_bytes(v) if isinstance(v, bytes) else v for v in state.values],
+    )
 
 
 # -- hand-made streams -------------------------------------------------------------------
@@ -110,7 +112,10 @@ def test_beyond_the_bound_goes_to_the_side_output_and_is_corrected() -> None:
     step = e.process(0, table([event(2, 20_000, country="DE"), event(3, 350_000)]), 0)
     [late] = step.late
     assert (late.event_id, late.metric, late.window_start, late.window_end) == (
-        "e2", "page_views_by_country", 0, 5 * MIN
+        "e2",
+        "page_views_by_country",
+        0,
+        5 * MIN,
     )
     assert late.id == "e2|page_views_by_country" and late.window_held
     assert step.revised == [("page_views_by_country", 0, 5 * MIN)]
@@ -211,7 +216,9 @@ def test_filter_compiler() -> None:
 
 
 def test_a_filter_that_cannot_be_evaluated_names_the_metric_and_field() -> None:
-    metric = compile_metric(MetricConfig(name="bad", filter="revenue = 'x'", aggregations={"n": "count()"}))
+    metric = compile_metric(
+        MetricConfig(name="bad", filter="revenue = 'x'", aggregations={"n": "count()"})
+    )
     with pytest.raises(ConfigError, match="metric 'bad': field 'filter'"):
         engine(metrics=(metric,))
 
@@ -377,7 +384,11 @@ class Reference:
     def held(self) -> dict[tuple[str, int, tuple[str, ...]], tuple[dict[str, Any], bool, int]]:
         metrics = {m.name: m for m in PROPERTY_METRICS}
         return {
-            (name, start, dims): (self._result(metrics[name], group), slot["final"], group["revision"])
+            (name, start, dims): (
+                self._result(metrics[name], group),
+                slot["final"],
+                group["revision"],
+            )
             for (name, start), slot in self.slots.items()
             for dims, group in slot["groups"].items()
         }
@@ -463,7 +474,8 @@ def test_engine_equals_per_event_reference(raw, cuts) -> None:
                 outputs.extend(subject.process(partition, rows, 0, offset))
 
     got_finals = {
-        (s.metric, s.window_start, tuple(s.dims)): engine_result(s.metric, s) for s in outputs.finals
+        (s.metric, s.window_start, tuple(s.dims)): engine_result(s.metric, s)
+        for s in outputs.finals
     }
     assert len(got_finals) == len(outputs.finals)  # each group fires once
     assert got_finals == reference.finals

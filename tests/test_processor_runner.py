@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.fixtures_processor import fill_log, make_events, read_topic
 
 from strata.config import load_config
 from strata.loader.loader import Loader
@@ -19,7 +20,6 @@ from strata.serving.memory import MemoryServingStore
 from strata.serving.state import finalize, merge_values
 from strata.store import Store
 from strata.telemetry import REGISTRY
-from tests.fixtures_processor import fill_log, make_events, read_topic
 
 
 def drain(processor: Processor) -> None:
@@ -177,12 +177,23 @@ def test_metrics_route_merges_rollups_and_live_windows(loaded) -> None:
     client = TestClient(Starlette(routes=live_metric_routes(CoreAPI(pipeline))))
     auth = {"Authorization": "Bearer at_processor_test"}
     watermark = processor.engine.watermark_ms("page_views_by_country")
-    params = {"from": str(watermark - 4 * 3_600_000), "to": str(watermark + 600_000),
-              "granularity": "5m", "group_by": "country"}
+    params = {
+        "from": str(watermark - 4 * 3_600_000),
+        "to": str(watermark + 600_000),
+        "granularity": "5m",
+        "group_by": "country",
+    }
     response = client.get("/v1/metrics/page_views_by_country", params=params, headers=auth)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) >= {"metric", "rows", "complete_until", "open_windows", "revised", "served_from"}
+    assert set(body) >= {
+        "metric",
+        "rows",
+        "complete_until",
+        "open_windows",
+        "revised",
+        "served_from",
+    }
     assert body["served_from"] == "rollup_5m+serving"
     assert body["open_windows"] and body["revised"]
     total = sum(row["views"] for row in body["rows"])

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from tests.fixtures_processor import redis_url  # noqa: F401  (fixture)
 
 from strata.config import MetricConfig, load_config
 from strata.metrics import compile_metric
@@ -22,13 +23,17 @@ from strata.serving.state import (
     finalize,
     merge_values,
 )
-from tests.fixtures_processor import redis_url  # noqa: F401  (fixture)
 
 METRIC = compile_metric(
     MetricConfig(
         name="m",
         dimensions=["country"],
-        aggregations={"n": "count()", "users": "uniq(user_id)", "rev": "sum(revenue)", "top": "max(revenue)"},
+        aggregations={
+            "n": "count()",
+            "users": "uniq(user_id)",
+            "rev": "sum(revenue)",
+            "top": "max(revenue)",
+        },
     )
 )
 
@@ -46,15 +51,18 @@ def store(request: pytest.FixtureRequest) -> Iterator[ServingStore]:
 
 
 def sketch(*users: str) -> bytes:
-    from strata.serving.state import hash_strings
     import pyarrow as pa
+
+    from strata.serving.state import hash_strings
 
     s = UniqSketch()
     s.add_hashes(np.unique(hash_strings(pa.array(list(users)))))
     return s.to_bytes()
 
 
-def state(start: int, dims: list[str], count: int, users: tuple[str, ...], shard: str = "all", **kw) -> WindowState:
+def state(
+    start: int, dims: list[str], count: int, users: tuple[str, ...], shard: str = "all", **kw
+) -> WindowState:
     return WindowState(
         metric="m",
         shard=shard,
@@ -96,7 +104,9 @@ def test_range_reads_shards_and_order(store: ServingStore) -> None:
 
 def test_delete_is_idempotent_and_keeps_other_groups(store: ServingStore) -> None:
     store.put_windows([state(0, ["DE"], 1, ("a",)), state(0, ["FR"], 1, ("b",))])
-    store.delete_windows([("m", "all", 0, ("DE",)), ("m", "all", 0, ("DE",)), ("m", "all", 5, ("X",))])
+    store.delete_windows(
+        [("m", "all", 0, ("DE",)), ("m", "all", 0, ("DE",)), ("m", "all", 5, ("X",))]
+    )
     assert [s.dims for s in store.windows("m", 0, 1)] == [["FR"]]
     store.delete_windows([("m", "all", 0, ("FR",))])
     assert store.windows("m", 0, 1) == []

@@ -47,7 +47,6 @@ from strata.config import ConfigError
 from strata.metrics import Metric
 from strata.processor.filters import Mask, compile_filter
 from strata.serving.state import (
-    EXACT_LIMIT,
     HLL_M,
     UniqSketch,
     WindowState,
@@ -181,16 +180,12 @@ class WindowEngine:
         return None if value <= NO_TIME // 2 else value
 
     # -- input ----------------------------------------------------------------------------
-    def process(
-        self, partition: int, table: pa.Table, now_ms: int, first_offset: int = 0
-    ) -> Step:
+    def process(self, partition: int, table: pa.Table, now_ms: int, first_offset: int = 0) -> Step:
         """Add one run of records of ``partition``, in arrival order (see
         ``process_many``)."""
         return self.process_many([(partition, table, first_offset)], now_ms)
 
-    def process_many(
-        self, runs: Sequence[tuple[int, pa.Table, int]], now_ms: int
-    ) -> Step:
+    def process_many(self, runs: Sequence[tuple[int, pa.Table, int]], now_ms: int) -> Step:
         """Add runs of records ``(partition, table, first_offset)``, in
         arrival order: the records of ``runs[0]``, then ``runs[1]``, ...
 
@@ -220,7 +215,10 @@ class WindowEngine:
         present = {r[0] for r in runs}
         combined_before = np.full(
             n,
-            min((self.max_ts[p] for p in self._active(now_ms) if p not in present), default=FAR_FUTURE),
+            min(
+                (self.max_ts[p] for p in self._active(now_ms) if p not in present),
+                default=FAR_FUTURE,
+            ),
             dtype=np.int64,
         )
         # Max event time of each partition *before* each event: constant
@@ -326,7 +324,9 @@ class WindowEngine:
     ) -> None:
         """Side-output records; a Python loop over late events only (rare)."""
         metric = rt.metric
-        taken = table.select(["event_id", "event_type", "distinct_id", "ts", "received_at"]).take(rows)
+        taken = table.select(["event_id", "event_type", "distinct_id", "ts", "received_at"]).take(
+            rows
+        )
         columns = {name: taken.column(name).to_pylist() for name in taken.column_names}
         for i in range(len(rows)):
             start = int(starts[i])
@@ -350,7 +350,9 @@ class WindowEngine:
                 )
             )
 
-    def _hashes(self, table: pa.Table, column: str, rows: np.ndarray, cache: dict[str, Any]) -> np.ndarray:
+    def _hashes(
+        self, table: pa.Table, column: str, rows: np.ndarray, cache: dict[str, Any]
+    ) -> np.ndarray:
         # Hash each distinct value once: dictionary-encode, hash the dictionary.
         key = f"hash:{column}"
         if key not in cache:
@@ -359,7 +361,9 @@ class WindowEngine:
         hashes: np.ndarray = cache[key][rows]
         return hashes
 
-    def _codes(self, table: pa.Table, column: str, cache: dict[str, Any]) -> tuple[np.ndarray, pa.Array]:
+    def _codes(
+        self, table: pa.Table, column: str, cache: dict[str, Any]
+    ) -> tuple[np.ndarray, pa.Array]:
         key = f"dict:{column}"
         if key not in cache:
             encoded = pc.dictionary_encode(pc.fill_null(table.column(column), "")).combine_chunks()
@@ -409,9 +413,7 @@ class WindowEngine:
         group_dims = [
             dictionary.take(pa.array(picked[first])).to_pylist() for picked, dictionary in dim_codes
         ]
-        keys = [
-            (group_starts[g], tuple(str(d[g]) for d in group_dims)) for g in range(groups)
-        ]
+        keys = [(group_starts[g], tuple(str(d[g]) for d in group_dims)) for g in range(groups)]
         partials: list[Any] = []
         for aggregation in metric.aggregations:
             function = aggregation.function
@@ -446,8 +448,11 @@ class WindowEngine:
                 for aggregation in metric.aggregations:
                     function = aggregation.function
                     values_init.append(
-                        UniqSketch() if function == "uniq" else None if function == "count" else
-                        (0.0 if function in ("sum", "avg") else None)
+                        UniqSketch()
+                        if function == "uniq"
+                        else None
+                        if function == "count"
+                        else (0.0 if function in ("sum", "avg") else None)
                     )
                 state = slot.groups[dims] = GroupState(0, values_init, final=late, revision=0)
             state.count += int(counts[g])

@@ -215,7 +215,9 @@ class Processor:
 
     def _append_journal(self, now: int, ranges: dict[int, tuple[int, int]]) -> None:
         self.seq += 1
-        line = _json.encode({"seq": self.seq, "now": now, "ranges": {str(p): r for p, r in ranges.items()}})
+        line = _json.encode(
+            {"seq": self.seq, "now": now, "ranges": {str(p): r for p, r in ranges.items()}}
+        )
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             os.write(fd, line + b"\n")
@@ -254,8 +256,12 @@ class Processor:
                 batches = consumer.poll_batches(per_partition, timeout_s=0.0)
             except OffsetOutOfRange:
                 start = self.log.beginning_offsets("events")[partition]
-                log.warning("processor %s: partition %d below retention; skipping to %d",
-                            self.shard, partition, start)
+                log.warning(
+                    "processor %s: partition %d below retention; skipping to %d",
+                    self.shard,
+                    partition,
+                    start,
+                )
                 consumer.seek(partition, start)
                 self.offsets[partition] = start
                 continue
@@ -263,7 +269,10 @@ class Processor:
                 have = out.get(partition)
                 if have is None:
                     out[partition] = RecordBatch(
-                        batch.topic, partition, batch.first_offset, list(batch.values),
+                        batch.topic,
+                        partition,
+                        batch.first_offset,
+                        list(batch.values),
                         list(batch.timestamps_ms),
                     )
                 else:
@@ -280,7 +289,9 @@ class Processor:
             deadline = time.monotonic() + 60
             while len(values) < last - first + 1:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"processor: journaled range {partition}:{first}-{last} unreadable")
+                    raise RuntimeError(
+                        f"processor: journaled range {partition}:{first}-{last} unreadable"
+                    )
                 for batch in consumer.poll_batches(last - first + 1 - len(values), timeout_s=0.1):
                     values.extend(batch.values)
             out[partition] = RecordBatch("events", partition, first, values, [])
@@ -300,7 +311,9 @@ class Processor:
             position = 0
             for partition in order:
                 batch = batches[partition]
-                runs.append((partition, table.slice(position, len(batch.values)), batch.first_offset))
+                runs.append(
+                    (partition, table.slice(position, len(batch.values)), batch.first_offset)
+                )
                 position += len(batch.values)
                 self.offsets[partition] = batch.last_offset + 1
             step.extend(self.engine.process_many(runs, now))
@@ -334,8 +347,12 @@ class Processor:
             self.late_total += len(step.late)
             REGISTRY.inc("strata_late_events_total", len(step.late))
             for late in step.late:
-                self.producer.produce("late", late.partition % self.output_partitions["late"],
-                                      None, self._late_record(late, now))
+                self.producer.produce(
+                    "late",
+                    late.partition % self.output_partitions["late"],
+                    None,
+                    self._late_record(late, now),
+                )
         for final in step.finals:
             self.producer.produce(
                 "window_results",
@@ -362,7 +379,8 @@ class Processor:
         if dirty:
             self.serving.put_windows(dirty)
         watermarks = {
-            rt.metric.name: rt.watermark for rt in self.engine.metrics
+            rt.metric.name: rt.watermark
+            for rt in self.engine.metrics
             if self.engine.watermark_ms(rt.metric.name) is not None
         }
         self.serving.set_progress(self.shard, watermarks)
@@ -398,7 +416,9 @@ class Processor:
                 "shard": state.shard,
                 "window_start": state.window_start,
                 "window_end": state.window_end,
-                "dims": _json.encode(dict(zip(metric.dimensions, state.dims, strict=True))).decode(),
+                "dims": _json.encode(
+                    dict(zip(metric.dimensions, state.dims, strict=True))
+                ).decode(),
                 "aggregates": _json.encode(finalize(metric, count, values)).decode(),
                 "event_count": state.count,
                 "watermark": self.engine.watermark_ms(state.metric) or 0,

@@ -121,7 +121,8 @@ class LiveMetrics:
         states: list[WindowState] = []
         if horizon is not None and horizon < end:
             states = [
-                s for s in serving.windows(metric.name, horizon, end)
+                s
+                for s in serving.windows(metric.name, horizon, end)
                 if s.window_start % metric.window_ms == 0  # hopping windows: a tiling subset
             ]
             rows.extend(self._from_serving(metric, states, step, group_by))
@@ -137,7 +138,9 @@ class LiveMetrics:
             "to": iso(end),
             "rows": rows,
             "complete_until": iso(complete_until),
-            "open_windows": [{"window_start": iso(a), "window_end": iso(b)} for a, b in open_windows],
+            "open_windows": [
+                {"window_start": iso(a), "window_end": iso(b)} for a, b in open_windows
+            ],
             "revised": [{"window_start": iso(a), "window_end": iso(b)} for a, b in revised],
             "served_from": "+".join(sources) or "none",
         }
@@ -149,7 +152,9 @@ class LiveMetrics:
 
         table = metric.rollup_table("1d" if granularity == "1d" else "5m")
         keys = "".join(f", {d}" for d in group_by)  # validated dimension names
-        merges = ", ".join(f"{a.merge_expression(a.alias)} AS {a.alias}" for a in metric.aggregations)
+        merges = ", ".join(
+            f"{a.merge_expression(a.alias)} AS {a.alias}" for a in metric.aggregations
+        )
         sql = (
             "SELECT toStartOfInterval(window_start, toIntervalSecond({step:UInt32})) AS t"
             f"{keys}, {merges} FROM {table} "
@@ -178,15 +183,15 @@ class LiveMetrics:
         from strata.server.pipeline import iso
 
         positions = [metric.dimensions.index(d) for d in group_by]
-        buckets: dict[tuple[Any, ...], list[WindowState]] = defaultdict(list)
+        buckets: dict[tuple[int, tuple[str, ...]], list[WindowState]] = defaultdict(list)
         for state in states:
-            key = (state.window_start // step * step, *[state.dims[i] for i in positions])
+            key = (state.window_start // step * step, tuple(state.dims[i] for i in positions))
             buckets[key].append(state)
         out = []
-        for key, members in buckets.items():
+        for (bucket, dims), members in buckets.items():
             count, values = merge_values(metric, members)
-            record: dict[str, Any] = {"time": iso(key[0])}
-            record.update(dict(zip(group_by, key[1:], strict=True)))
+            record: dict[str, Any] = {"time": iso(bucket)}
+            record.update(dict(zip(group_by, dims, strict=True)))
             record.update(finalize(metric, count, values))
             out.append(record)
         return out

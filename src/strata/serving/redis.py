@@ -90,7 +90,11 @@ class RedisServingStore(ServingStore):
         pipe = self.client.pipeline(transaction=False)
         for start in starts:
             pipe.hgetall(self._k("w", metric, int(start)))
-        states = [decode_state(data) for found in self._call("read", pipe.execute) for data in found.values()]
+        states = [
+            decode_state(data)
+            for found in self._call("read", pipe.execute)
+            for data in found.values()
+        ]
         states.sort(key=lambda s: (s.window_start, s.shard, s.dims))
         return states
 

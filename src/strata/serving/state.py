@@ -55,16 +55,21 @@ def hash_strings(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
         array = array.fill_null("")
     if len(array) == 0:
         return np.empty(0, dtype=np.uint64)
-    if pa.types.is_string(array.type) or pa.types.is_binary(array.type):
-        offset_type = np.int32
-    else:
+    offset_type: type[np.signedinteger[Any]] = np.int32
+    if not (pa.types.is_string(array.type) or pa.types.is_binary(array.type)):
         array = array.cast(pa.large_string())
         offset_type = np.int64
     buffers = array.buffers()
-    offsets = np.frombuffer(buffers[1], dtype=offset_type)[array.offset : array.offset + len(array) + 1]
+    offsets = np.frombuffer(buffers[1], dtype=offset_type)[
+        array.offset : array.offset + len(array) + 1
+    ]
     starts = offsets[:-1].astype(np.int64)
     lengths = (offsets[1:] - offsets[:-1]).astype(np.int64)
-    raw = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.empty(0, np.uint8)
+    raw = (
+        np.frombuffer(buffers[2], dtype=np.uint8)
+        if buffers[2] is not None
+        else np.empty(0, np.uint8)
+    )
     end = int(offsets[-1])
     padded = np.zeros(end + 16, dtype=np.uint8)
     padded[:end] = raw[:end]
