@@ -194,23 +194,24 @@ class IngestService:
         keep: list[tuple[int, bytes, Any]] = []
         quarantine: list[tuple[int, bytes]] = []
         refused: list[tuple[int, str]] = []
+        latest = registry.latest_validators()
+        decode = msgspec.json.decode
         for position, item in zip(positions, accepted, strict=True):
             record = item[2]
-            version = None
+            validator = latest.get(record.event_type)
             raw = raw_events[position]
-            if b'"schema_version"' in bytes(raw):
+            if b'"schema_version"' in (raw if isinstance(raw, bytes) else bytes(raw)):
                 try:
                     version = _pin_decoder.decode(raw).schema_version
-                except msgspec.MsgspecError as exc:
-                    refused.append((indexes[position], f"schema_version: {exc}"))
+                    if version is not None:
+                        validator = registry.validator(record.event_type, version)
+                except (msgspec.MsgspecError, UnknownSchema) as exc:
+                    refused.append((indexes[position], f"schema_version: {exc}".replace(
+                        "schema_version: schema_version: ", "schema_version: ")))
                     continue
-            try:
-                validator = registry.validator(record.event_type, version)
-            except UnknownSchema as exc:
-                refused.append((indexes[position], str(exc)))
-                continue
             if validator is not None:
-                problem = validator(msgspec.json.decode(record.properties))
+                properties = record.properties
+                problem = validator({} if properties == "{}" else decode(properties))
                 if problem is None:
                     keep.append(item)
                 else:

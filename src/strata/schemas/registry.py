@@ -205,6 +205,11 @@ class SchemaRegistry:
         applies only then; see docs/decisions/052-unregistered-policy.md)."""
         return bool(self._latest)
 
+    def latest_validators(self) -> dict[str, Validator]:
+        """event_type -> validator of its latest version (a snapshot: the
+        registry swaps the whole dict on reload, never mutates it)."""
+        return self._latest
+
     def validator(self, event_type: str, version: int | None = None) -> Validator | None:
         """The compiled validator of ``version`` (latest if ``None``), or
         ``None`` if the event type has no schema. Raises ``UnknownSchema``
