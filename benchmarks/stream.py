@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import random
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from hashlib import blake2b as hash64
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 
 from benchmarks.common import fmt, write_section
@@ -163,35 +165,41 @@ def python_run(
     return time.perf_counter() - started, finals
 
 
-def end_to_end(events: list[dict], partitions: int) -> tuple[float, int]:
+def _filled_log(events: list[dict], partitions: int, directory: Path):  # type: ignore[no-untyped-def]
     from strata.events import partition_for
     from strata.log import open_log
+
+    config = load_config(
+        overrides={
+            "data_dir": str(directory),
+            "log.partitions": partitions,
+            "log.fsync": "never",
+            "metrics": [msgspec.to_builtins(SEED)],
+        }
+    )
+    log = open_log(config)
+    producer = log.producer()
+    encoder = msgspec.json.Encoder()
+    for i, event in enumerate(events):
+        producer.produce(
+            "events",
+            partition_for(event["distinct_id"], event["event_id"], partitions),
+            None,
+            encoder.encode(event),
+        )
+        if i % 20_000 == 19_999:
+            producer.flush()
+    producer.flush()
+    return config, log
+
+
+def end_to_end(events: list[dict], partitions: int) -> tuple[float, int]:
     from strata.processor.runner import Processor
     from strata.serving.memory import MemoryServingStore
 
     directory = Path(tempfile.mkdtemp(prefix="strata-bench-stream-"))
     try:
-        config = load_config(
-            overrides={
-                "data_dir": str(directory),
-                "log.partitions": partitions,
-                "log.fsync": "never",
-                "metrics": [msgspec.to_builtins(SEED)],
-            }
-        )
-        log = open_log(config)
-        producer = log.producer()
-        encoder = msgspec.json.Encoder()
-        for i, event in enumerate(events):
-            producer.produce(
-                "events",
-                partition_for(event["distinct_id"], event["event_id"], partitions),
-                None,
-                encoder.encode(event),
-            )
-            if i % 20_000 == 19_999:
-                producer.flush()
-        producer.flush()
+        config, log = _filled_log(events, partitions, directory)
         processor = Processor(config, log, MemoryServingStore())
         gc.collect()
         started = time.perf_counter()
@@ -205,6 +213,59 @@ def end_to_end(events: list[dict], partitions: int) -> tuple[float, int]:
         return elapsed, finals
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def query_latency(events: list[dict], partitions: int) -> tuple[list[float], list[float]]:
+    """Latency of a live metrics read (serving store -> merge -> JSON, the
+    Python-heavy part of ``GET /v1/metrics/{name}``) in one thread while the
+    processor works through the log in another, then the same reads idle.
+    Shows whether the processor's Arrow work starves the query API of the GIL."""
+    import threading
+
+    from strata.processor.runner import Processor
+    from strata.serving.api import LiveMetrics
+    from strata.serving.memory import MemoryServingStore
+
+    metric = compile_metric(SEED)
+    directory = Path(tempfile.mkdtemp(prefix="strata-bench-stream-q-"))
+    try:
+        config, log = _filled_log(events, partitions, directory)
+        serving = MemoryServingStore()
+        processor = Processor(config, log, serving)
+        processor.run_once(wait_s=0)  # something to read from the start
+        done = threading.Event()
+
+        def work() -> None:
+            while processor.lag():
+                processor.run_once(wait_s=0)
+            done.set()
+
+        def read() -> float:
+            started = time.perf_counter()
+            states = serving.windows(metric.name, 0, 2**62)
+            rows = LiveMetrics._from_serving(metric, states, 3_600_000, ["country"])
+            msgspec.json.encode(rows)
+            return (time.perf_counter() - started) * 1000
+
+        busy: list[float] = []
+        thread = threading.Thread(target=work)
+        thread.start()
+        while not done.is_set():
+            busy.append(read())
+            time.sleep(0.002)
+        thread.join()
+        idle = [read() for _ in busy] or [read()]
+        for _ in busy:
+            time.sleep(0.0)
+        processor.close()
+        log.close()
+        return busy or idle, idle
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def percentile(values: list[float], share: float) -> float:
+    return float(np.percentile(np.array(values), share * 100))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,6 +317,13 @@ def main(argv: list[str] | None = None) -> None:
         elapsed, _ = end_to_end(e2e_events, args.partitions)
         e2e.append(len(e2e_events) / elapsed)
         print(f"end-to-end run {run + 1}: {e2e[-1]:,.0f} ev/s", flush=True)
+    busy, idle = query_latency(e2e_events, args.partitions)
+    print(
+        f"query read p50/p99 ms: busy {percentile(busy, 0.5):.2f}/{percentile(busy, 0.99):.2f}, "
+        f"idle {percentile(idle, 0.5):.2f}/{percentile(idle, 0.99):.2f}",
+        flush=True,
+    )
+    load = os.getloadavg()
     ratio = [v / p for v, p in zip(vector, plain, strict=True)]
     ratio_stable = [v / p for v, p in zip(vector, plain_stable, strict=True)]
     body = f"""
@@ -271,6 +339,15 @@ event time, 100,000 users. Median of the runs (min–max). One thread on one cor
 | windowing, plain-Python per-event loop with a stable 64-bit hash per user (mergeable, like the engine's sketch) | {fmt(plain_stable)} |
 | speed-up of the engine over the per-event loop (Python set / stable hash) | {fmt(ratio, "×", 1)} / {fmt(ratio_stable, "×", 1)} |
 | end to end: embedded log → JSON decode → engine → serving store + output topics, journal and checkpoints ({args.e2e_events:,} events) | {fmt(e2e)} |
+
+Live metrics read while the processor works through the same log in another thread of the
+same process (serving store → merge of windows and sketches → JSON, the Python part of
+`GET /v1/metrics/{{name}}`), {len(busy):,} reads: p50 {percentile(busy, 0.5):.2f} ms, p99
+{percentile(busy, 0.99):.2f} ms; the same reads with the processor idle: p50
+{percentile(idle, 0.5):.2f} ms, p99 {percentile(idle, 0.99):.2f} ms.
+
+Load average during the run: {load[0]:.1f} (1 min) on {os.cpu_count()} cores; other work on the
+machine shares them, so the spread is wide.
 
 The per-event loop is the minimal job (filter, window, watermark, lateness, a dict of counts and
 Python sets for distinct users); it has none of the engine's outputs (early firings, late side
