@@ -53,9 +53,26 @@ def test_delete_user_removes_the_user_from_every_layer(env: LakeEnv) -> None:
         f"SELECT count() FROM events WHERE event_type = 'page_view' AND NOT ({match})"
     )
 
+    # Side tables with the user: late events (processor) and identities.
+    for who in (USER, "u4"):
+        env.store.command(
+            "INSERT INTO late_events (id, event_id, distinct_id, ts, window_start, received_at) "
+            "VALUES ({w:String}, {w:String}, {w:String}, now64(), now64(), now64())",
+            {"w": who},
+        )
+        env.store.command(
+            "INSERT INTO identities (event_id, user_id, distinct_id, ts) "
+            "VALUES ({w:String}, {w:String}, {w:String}, now64())",
+            {"w": who},
+        )
+
     report = delete_user(
         USER, store=env.store, lake=env.lake, batch=env.job, deleted_users=env.deleted_users
     )
+    assert report.other_tables == {"identities": 1, "late_events": 1}
+    for table in ("late_events", "identities"):
+        _, left = env.store.query_rows(f"SELECT distinct_id FROM {table}")
+        assert left == [("u4",)]
     assert report.raw_rows == sum(c for c, _ in mine.values())
     assert report.lake_rows == report.raw_rows
     assert sorted(report.days_recomputed) == sorted(mine)
