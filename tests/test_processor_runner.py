@@ -218,3 +218,43 @@ def test_metrics_route_merges_rollups_and_live_windows(loaded) -> None:
     assert client.get("/v1/metrics/retention", headers=auth).status_code == 404
     assert client.get("/v1/metrics/page_views_by_country").status_code == 401
     log.close()
+
+
+def test_processors_splitting_partitions_merge_to_the_single_processor_result(
+    tmp_path: Path,
+) -> None:
+    config = load_config(
+        overrides={"data_dir": str(tmp_path), "log.partitions": 4, "log.fsync": "never"}
+    )
+    fill_log(config, make_events(8_000, seed=3, late_share=0.0))
+    log = open_log(config)
+    shared = MemoryServingStore()
+    shards = [
+        Processor(config, log, shared, partitions=[0, 1]),
+        Processor(config, log, shared, partitions=[2, 3]),
+    ]
+    assert [p.shard for p in shards] == ["p0-1", "p2-3"]
+    for processor in shards:
+        drain(processor)
+    single_store = MemoryServingStore()
+    single = Processor(config, log, single_store, directory=tmp_path / "single")
+    drain(single)
+    metric = single.metrics_by_name["page_views_by_country"]
+    expected = {
+        (s.window_start, tuple(s.dims)): finalize(metric, *merge_values(metric, [s]))
+        for s in single_store.windows(metric.name, 0, 2**62)
+        if s.final
+    }
+    merged: dict[tuple[int, tuple[str, ...]], list] = {}
+    for s in shared.windows(metric.name, 0, 2**62):
+        merged.setdefault((s.window_start, tuple(s.dims)), []).append(s)
+    got = {
+        key: finalize(metric, *merge_values(metric, states))
+        for key, states in merged.items()
+        if key in expected and all(s.final for s in states)
+    }
+    assert len(expected) > 10 and got == expected
+    assert set(shared.progress()) == {"p0-1", "p2-3"}
+    for processor in [*shards, single]:
+        processor.close()
+    log.close()
