@@ -501,3 +501,22 @@ def test_hash_is_the_same_in_any_batch() -> None:
         assert hash_strings(pa.array(["x" * 40, value]).slice(1))[0] == whole[i]
     assert len(set(whole.tolist())) == len(values)
     assert np.all(hash_strings(pa.array(["a", None])) == hash_strings(pa.array(["a", ""])))
+
+
+def test_a_redefined_metric_starts_empty_after_restore() -> None:
+    first = engine()
+    first.process(0, table([event(0, 10_000)]), 0)
+    changed = compile_metric(
+        MetricConfig(
+            name="page_views_by_country",
+            filter="event_type = 'page_view'",
+            dimensions=["country", "platform"],
+            aggregations={"views": "count()"},
+        )
+    )
+    second = engine(metrics=(changed,))
+    second.restore(decode_snapshot(encode_snapshot(first.snapshot())))
+    assert second.all_states() == [] and second.watermark_ms() is None
+    same = engine()
+    same.restore(decode_snapshot(encode_snapshot(first.snapshot())))
+    assert same.all_states() == first.all_states()

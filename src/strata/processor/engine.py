@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,8 @@ from strata.serving.state import (
     hash_strings,
     hll_positions,
 )
+
+log = logging.getLogger("strata.processor")
 
 NO_TIME = -(2**62)  # "no event yet"; far from int64 limits so subtraction is safe
 FAR_FUTURE = 2**62
@@ -626,7 +629,11 @@ class WindowEngine:
                     for dims, state in sorted(slot.groups.items())
                 ]
                 windows.append([start, slot.final, groups])
-            metrics[rt.metric.name] = {"watermark": rt.watermark, "windows": windows}
+            metrics[rt.metric.name] = {
+                "definition": _definition(rt.metric),
+                "watermark": rt.watermark,
+                "windows": windows,
+            }
         return {
             "partitions": {str(p): [self.max_ts[p], self.last_active[p]] for p in self.partitions},
             "metrics": metrics,
@@ -644,6 +651,11 @@ class WindowEngine:
             rt = self.by_name.get(name)
             if rt is None:
                 continue
+            if data.get("definition") != _definition(rt.metric):
+                # The metric was redefined: its old windows mean something
+                # else. It starts empty; the rollups still cover history.
+                log.warning("metric %s changed since the checkpoint; its live state restarts", name)
+                continue
             rt.watermark = int(data["watermark"])
             rt.slots = {}
             for start, final, groups in data["windows"]:
@@ -657,6 +669,19 @@ class WindowEngine:
                         int(count), restored, bool(group_final), int(revision)
                     )
         self.mark_all_dirty()
+
+
+def _definition(metric: Metric) -> str:
+    """What a metric's state depends on; a change invalidates the state."""
+    return json.dumps(
+        [
+            metric.filter_sql,
+            list(metric.dimensions),
+            [[a.alias, a.function, a.column] for a in metric.aggregations],
+            metric.window_ms,
+            metric.slide_ms,
+        ]
+    )
 
 
 def encode_snapshot(data: dict[str, Any]) -> bytes:
