@@ -299,6 +299,8 @@ def test_panels_show_the_numbers_the_metrics_api_returns(dash: dict[str, Any], p
 # -- query explorer --------------------------------------------------------------------------
 def test_explorer_renders_the_rows_of_the_query(dash: dict[str, Any], page: Any) -> None:
     server = dash["server"]
+    dash["traffic"].join(120)
+    wait_quiet(server)
     sign_in(page, server.url)
     sql = (
         "SELECT event_type, count() AS events FROM events "
@@ -341,6 +343,23 @@ def test_explorer_renders_the_rows_of_the_query(dash: dict[str, Any], page: Any)
     page.wait_for_selector("#panel-explorer[data-runs='3']", timeout=30_000)
     assert page.get_attribute("#panel-explorer", "data-state") == "error"
     assert page.text_content("#sql-error").startswith("400")
+    # The batch reconciliation reports: one SQL query, only when asked.
+    page.click("#recon-button")
+    page.wait_for_function(
+        "!['', 'loading…'].includes(document.querySelector('#recon-status').textContent)",
+        timeout=30_000,
+    )
+    reports = server.sql(
+        "SELECT day, metric, aggregation FROM reconciliation "
+        "ORDER BY run_at DESC, metric, aggregation LIMIT 50"
+    )["rows"]
+    shown = page.eval_on_selector_all(
+        "#recon-table tbody tr",
+        "trs => trs.map(tr => [...tr.cells].slice(0, 3).map(td => td.textContent))",
+    )
+    assert shown == [[str(c) for c in row] for row in reports]
+    if not reports:
+        assert "no reconciliation reports yet" in page.text_content("#recon-status")
     screenshot(page, "dashboard-explorer.png")
     assert not page.errors.errors
 

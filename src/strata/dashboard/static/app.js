@@ -491,9 +491,9 @@
         tooltip: TOOLTIP,
         legend: { top: 0, type: "scroll" },
         grid: { ...GRID, top: 30 },
-        xAxis: { type: "time" },
+        xAxis: { type: "time", min: ctx.from, max: ctx.to },
         yAxis: { type: "value" },
-        series: [...series.entries()].slice(0, 6).map(([name, data]) => ({ name, type: "line", showSymbol: false, data })),
+        series: [...series.entries()].slice(0, 6).map(([name, data]) => ({ name, type: "line", showSymbol: data.length < 3, data })),
       },
       { notMerge: true },
     );
@@ -738,6 +738,53 @@
     return null;
   }
 
+  /* The batch job's reconciliation reports (streaming vs batch per day and
+   * aggregation) live in the `reconciliation` table, which no metrics
+   * endpoint serves; the page reads them with one SQL query when asked,
+   * never on refresh. */
+  const RECONCILIATION_SQL =
+    "SELECT day, metric, aggregation, streaming_value, batch_value, difference, late_events, run_at " +
+    "FROM reconciliation ORDER BY run_at DESC, metric, aggregation LIMIT 50";
+
+  async function showReconciliation() {
+    const status = $("recon-status");
+    const table = $("recon-table");
+    status.hidden = false;
+    status.textContent = "loading…";
+    try {
+      const payload = await request("POST", "/v1/sql", { body: { sql: RECONCILIATION_SQL }, panel: "health" });
+      const body = table.querySelector("tbody");
+      clear(body);
+      for (const row of payload.rows) {
+        const [day, metric, aggregation, streaming, batch, difference, late, runAt] = row;
+        const drift = Math.abs(Number(difference)) > 1e-9;
+        body.appendChild(
+          el(
+            "tr",
+            { class: drift ? "drift" : "" },
+            el("td", { text: cellText(day) }),
+            el("td", { text: cellText(metric) }),
+            el("td", { text: cellText(aggregation) }),
+            el("td", { class: "num", text: fmtNumber(streaming, 2) }),
+            el("td", { class: "num", text: fmtNumber(batch, 2) }),
+            el("td", { class: "num", text: fmtNumber(difference, 2) }),
+            el("td", { class: "num", text: fmtNumber(late) }),
+            el("td", { text: cellText(runAt) }),
+          ),
+        );
+      }
+      table.hidden = !payload.rows.length;
+      const drifting = payload.rows.filter((r) => Math.abs(Number(r[5])) > 1e-9).length;
+      status.textContent = payload.rows.length
+        ? `${payload.rows.length} report row(s); ${drifting} with streaming ≠ batch (the batch value is authoritative)`
+        : "no reconciliation reports yet: the nightly batch has not recomputed a day";
+    } catch (err) {
+      status.textContent = `not available: ${err.message}`;
+      status.className = "error";
+    }
+    renderCalls("health");
+  }
+
   // ---------------------------------------------------------- refresh loop
   const REFRESHERS = {
     live: refreshLive,
@@ -833,6 +880,11 @@
       errorNode.textContent = err.message;
       errorNode.hidden = false;
       panel.dataset.state = "error";
+      // Do not leave the previous query's answer next to this error.
+      for (const id of ["sql-served-from", "sql-route", "sql-elapsed", "sql-rowcount"]) $(id).textContent = "–";
+      clear($("sql-results").querySelector("thead"));
+      clear($("sql-results").querySelector("tbody"));
+      $("sql-chart").hidden = true;
     } finally {
       $("sql-run").disabled = false;
       panel.dataset.runs = String(Number(panel.dataset.runs || 0) + 1);
@@ -974,6 +1026,7 @@
       runPanel("funnel", refreshFunnel, { ...currentRange(), shared: {} });
     });
     $("explorer-form").addEventListener("submit", runExplorer);
+    $("recon-button").addEventListener("click", showReconciliation);
     $("sql-input").addEventListener("keydown", (event) => {
       if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) runExplorer(event);
     });
