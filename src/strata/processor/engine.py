@@ -369,7 +369,10 @@ class WindowEngine:
     ) -> tuple[np.ndarray, pa.Array]:
         key = f"dict:{column}"
         if key not in cache:
-            encoded = pc.dictionary_encode(pc.fill_null(table.column(column), "")).combine_chunks()
+            values = table.column(column)
+            if values.null_count:
+                values = pc.fill_null(values, "")
+            encoded = pc.dictionary_encode(values).combine_chunks()
             cache[key] = (encoded.indices.to_numpy().astype(np.int64), encoded.dictionary)
         codes, dictionary = cache[key]
         return codes, dictionary
