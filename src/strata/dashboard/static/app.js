@@ -21,6 +21,8 @@
   const GRANULARITY_MS = { "5m": 5 * MINUTE, "1h": HOUR, "1d": DAY };
   const RANGE_MS = { "15m": 15 * MINUTE, "1h": HOUR, "6h": 6 * HOUR, "24h": DAY, "7d": 7 * DAY, "30d": 30 * DAY };
   const PANELS = ["live", "users", "revenue", "pageviews", "funnel", "top", "health"];
+  const REQUEST_TIMEOUT_MS = 30_000;
+  const EXPLORER_TIMEOUT_MS = 180_000; // longer than [query] sql_max_execution_s
 
   const state = {
     token: null,
@@ -101,22 +103,28 @@
     (state.calls[panel] = state.calls[panel] || []).push(entry);
   }
 
-  async function request(method, url, { body, panel, text } = {}) {
+  async function request(method, url, { body, panel, text, timeoutMs = REQUEST_TIMEOUT_MS } = {}) {
     const entry = { method, url, body, status: null, note: "" };
     record(panel, entry);
     const headers = { Authorization: `Bearer ${state.token}` };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     let response;
+    // A hung request must not stall the refresh loop (one refresh at a time).
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), timeoutMs);
     try {
       response = await fetch(url, {
         method,
         headers,
         body: body === undefined ? undefined : JSON.stringify(body),
         cache: "no-store",
+        signal: abort.signal,
       });
     } catch (err) {
-      entry.note = "network error";
-      throw new HttpError(0, `network error: ${err.message}`, url);
+      entry.note = abort.signal.aborted ? "timed out" : "network error";
+      throw new HttpError(0, `${entry.note}: ${err.message}`, url);
+    } finally {
+      clearTimeout(timer);
     }
     entry.status = response.status;
     if (response.status === 401) {
@@ -426,8 +434,12 @@
       wau: `/v1/metrics/wau?${query({ from: iso(today), to: iso(ctx.now) })}`,
       mau: `/v1/metrics/mau?${query({ from: iso(today), to: iso(ctx.now) })}`,
     };
-    const results = await Promise.all(Object.values(calls).map((url) => getJSON(url, "users")));
-    const [dau, wau, mau] = results;
+    // DAU per day over the selected range (at least the last 7 days), for the bars.
+    const seriesFrom = Math.min(utcMidnight(ctx.from), today - 6 * DAY);
+    const seriesURL = `/v1/metrics/dau?${query({ from: iso(seriesFrom), to: iso(ctx.now), granularity: "1d" })}`;
+    const [dau, wau, mau, series] = await Promise.all(
+      [calls.dau, calls.wau, calls.mau, seriesURL].map((url) => getJSON(url, "users")),
+    );
     const open = (payload) => {
       const complete = parseTime(payload.complete_until);
       return complete === null || complete < ctx.now || flagCount(payload.open_windows) > 0;
@@ -438,9 +450,6 @@
     setValue("wau-value", wauValue, fmtNumber(wauValue), open(wau));
     const mauValue = activeValue(mau);
     setValue("mau-value", mauValue, fmtNumber(mauValue), open(mau));
-    // DAU per day over the selected range (at least the last 7 days).
-    const seriesFrom = Math.min(utcMidnight(ctx.from), today - 6 * DAY);
-    const series = await getJSON(`/v1/metrics/dau?${query({ from: iso(seriesFrom), to: iso(ctx.now), granularity: "1d" })}`, "users");
     const completeUntil = parseTime(series.complete_until);
     chart("users-chart").setOption({
       animation: false,
@@ -857,7 +866,7 @@
     const started = performance.now();
     try {
       const [payload, plan] = await Promise.all([
-        request("POST", "/v1/sql", { body: { sql }, panel: "explorer" }),
+        request("POST", "/v1/sql", { body: { sql }, panel: "explorer", timeoutMs: EXPLORER_TIMEOUT_MS }),
         request("POST", "/v1/sql", { body: { sql, explain: true }, panel: "explorer" }).catch((err) => ({ error: err.message })),
       ]);
       const wall = performance.now() - started;
