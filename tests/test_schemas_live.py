@@ -185,3 +185,23 @@ def test_policy_reject(tmp_path: Path, server_factory: Any) -> None:
     assert body["accepted"] == 1
     assert body["rejected"] == [{"index": 1, "error": "event_type: no schema registered for "
                                  "'unknown' (schemas.policy = reject)"}]
+
+
+def test_cli_goes_through_the_running_server(server: StrataServer, tmp_path: Path) -> None:
+    schema = tmp_path / "checkout.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"total": {"type": "number"}}}))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "strata.cli", "schema", *args, "--url", server.url,
+             "--token", ADMIN_TOKEN], capture_output=True, text=True, timeout=60,
+        )
+
+    added = cli("add", "checkout", str(schema), "--mode", "FULL")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["mode"] == "FULL"
+    shown = json.loads(cli("show", "checkout", "--version", "latest").stdout)
+    assert shown["schema"]["properties"]["total"] == {"type": "number"}
+    schema.write_text(json.dumps({"type": "object", "properties": {"total": {"type": "string"}}}))
+    refused = cli("add", "checkout", str(schema))
+    assert refused.returncode == 1 and "$.total: type changed" in refused.stderr

@@ -134,17 +134,23 @@ def test_exit_flushes_the_queue(shared_server: StrataServer) -> None:
 
 def test_async_client(shared_server: StrataServer) -> None:
     run = uuid.uuid4().hex
+    proxy = ScriptedServer(upstream=shared_server.url)
+    proxy.too_many = 3
 
     async def main() -> AsyncClient:
-        async with AsyncClient(shared_server.url, WRITE_KEY, flush_at=50) as client:
+        async with AsyncClient(proxy.url, WRITE_KEY, flush_at=50, backoff_base=0.01) as client:
             for i in range(1000):
                 await client.track("async", user_id=f"u{i % 10}", properties={"run": run},
                                    country="DE", revenue=1.5)
             assert await client.flush(timeout=60)
         return client
 
-    client = asyncio.run(main())
+    try:
+        client = asyncio.run(main())
+    finally:
+        proxy.close()
     assert client.stats.accepted == 1000 and client.stats.batches >= 20
+    assert client.stats.retries == 3
     wait_loaded(shared_server)
     rows = shared_server.sql(
         "SELECT count(), uniqExact(event_id), any(country), sum(revenue) FROM events "

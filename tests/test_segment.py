@@ -8,11 +8,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import segment.analytics as analytics
 from tests.conftest import WRITE_KEY
 from tests.fixtures_sdk import ScriptedServer, wait_loaded
 
-from strata.ingest.segment import map_message
+from strata.ingest.segment import MappingError, map_message
 
 
 def test_mapping_of_one_message() -> None:
@@ -32,6 +33,18 @@ def test_mapping_of_one_message() -> None:
     assert (event["country"], event["platform"], event["os"]) == ("AT", "web", "Linux")
     assert (event["path"], event["referrer"]) == ("/home", "https://x")
     assert event["properties"]["name"] == "Home"
+
+
+def test_unsupported_and_malformed_messages_are_refused_by_field() -> None:
+    for message, reason in (
+        ({"type": "group", "userId": "u", "groupId": "g"}, "type: 'group' is not supported"),
+        ({"type": "track", "userId": "u"}, "event: required for track"),
+        ({"type": "track", "event": "x"}, "userId: one of userId or anonymousId"),
+        ({"type": "track", "event": "x", "userId": "u", "timestamp": "soon"}, "timestamp:"),
+        ({"type": "track", "event": "x", "userId": "u", "properties": [1]}, "properties:"),
+    ):
+        with pytest.raises(MappingError, match=reason.replace("(", r"\(")):
+            map_message(message, received_at_ms=0)
 
 
 def test_segment_python_sends_10k_events_exactly_once(shared_server: Any) -> None:
