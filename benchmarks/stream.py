@@ -371,8 +371,7 @@ The per-event loop is the minimal job (filter, window, watermark, lateness, a di
 Python sets for distinct users); it has none of the engine's outputs (early firings, late side
 output, revisions, mergeable sketches). End to end is bounded by JSON decoding of the log records
 (`pyarrow.json` with an explicit schema of the columns the metrics read) and by reading the
-log; it is wall clock, so it also pays for the other processes on the machine (earlier runs
-the same hour at lower load: 314k–445k events/s).
+log; it is wall clock, so it also pays for the other processes on the machine.
 """
     print(body)
     if not args.no_write:
