@@ -296,6 +296,43 @@ def test_panels_show_the_numbers_the_metrics_api_returns(dash: dict[str, Any], p
     assert not page.errors.errors
 
 
+def test_range_and_granularity_drive_the_api_calls(dash: dict[str, Any], page: Any) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from strata.query.api import parse_time
+
+    server = dash["server"]
+    sign_in(page, server.url)
+    wait_panels(page)
+
+    def params_once(check: Any) -> dict[str, list[str]]:
+        """The page-views call's parameters, once a refresh satisfies ``check``
+        (changes made during a refresh get their own refresh right after)."""
+        deadline = time.monotonic() + 30
+        while True:
+            params = parse_qs(urlsplit(api_calls(page, "pageviews")[-1]).query)
+            if check(params) or time.monotonic() > deadline:
+                return params
+            time.sleep(0.2)
+
+    page.select_option("#range-select", "24h")
+    page.select_option("#granularity-select", "1h")
+    params = params_once(lambda p: p.get("granularity") == ["1h"])
+    assert params["granularity"] == ["1h"]
+    span = parse_time(params["to"][0], "to") - parse_time(params["from"][0], "from")
+    assert span == 86_400_000
+    page.select_option("#range-select", "custom")
+    page.fill("#custom-from", "2026-01-01T00:00")
+    page.fill("#custom-to", "2026-01-02T00:00")
+    page.dispatch_event("#custom-to", "change")
+    page.select_option("#granularity-select", "auto")
+    params = params_once(lambda p: p.get("from") == ["2026-01-01T00:00:00.000Z"])
+    assert params["from"] == ["2026-01-01T00:00:00.000Z"]
+    assert params["to"] == ["2026-01-02T00:00:00.000Z"]
+    assert params["granularity"] == ["1h"]  # auto: 1 h buckets for a 1-day range
+    page.wait_for_selector("#panel-pageviews[data-windows='0']", timeout=30_000)
+
+
 # -- query explorer --------------------------------------------------------------------------
 def test_explorer_renders_the_rows_of_the_query(dash: dict[str, Any], page: Any) -> None:
     server = dash["server"]

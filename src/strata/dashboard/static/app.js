@@ -806,8 +806,15 @@
   };
 
   async function refreshAll() {
-    if (!state.token || state.refreshing) return;
+    if (!state.token) return;
+    if (state.refreshing) {
+      // One refresh at a time; a change made meanwhile (range, granularity)
+      // gets its own refresh as soon as this one ends.
+      state.refreshPending = true;
+      return;
+    }
     state.refreshing = true;
+    state.refreshPending = false;
     state.refreshCount += 1;
     const ctx = { ...currentRange(), shared: {} };
     try {
@@ -817,6 +824,7 @@
     } finally {
       state.refreshing = false;
     }
+    if (state.refreshPending) refreshAll();
   }
 
   function schedule() {
