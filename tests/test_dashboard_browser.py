@@ -331,6 +331,12 @@ def test_range_and_granularity_drive_the_api_calls(dash: dict[str, Any], page: A
     assert params["to"] == ["2026-01-02T00:00:00.000Z"]
     assert params["granularity"] == ["1h"]  # auto: 1 h buckets for a 1-day range
     page.wait_for_selector("#panel-pageviews[data-windows='0']", timeout=30_000)
+    # A request the API refuses turns the panel into a visible error state.
+    page.fill("#funnel-steps", "page_view")
+    page.click("#funnel-form button")
+    page.wait_for_selector("#panel-funnel[data-ready=error]", timeout=30_000)
+    assert "at least 2 steps" in page.text_content("#panel-funnel .panel-status")
+    assert "unavailable" in page.get_attribute("#panel-funnel", "class")
 
 
 # -- query explorer --------------------------------------------------------------------------
