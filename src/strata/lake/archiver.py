@@ -8,7 +8,7 @@ partitions x roll_bytes). A roll is executed like the loader's micro-batch:
 1. write the *plan* (offset range per rolled partition) and the dedup index
    lengths to ``<data_dir>/archiver/checkpoint.json`` (atomic rename);
 2. decode, drop ids the dedup index has seen (client retries, same rule and
-   horizon as the loader), drop records of deleted users (strata.lake.masking);
+   horizon as the loader), drop records of deleted users (strata.masking);
 3. write one file per (partition, date, event_type) named from the plan's
    range (``p{partition}-{first}-{last}.parquet``), each an atomic commit;
 4. add the new ids to the dedup index (fsync), checkpoint the new offsets
@@ -47,7 +47,7 @@ from strata.config import Config, load_config, parse_duration_ms
 from strata.durable import atomic_write_json, read_json
 from strata.events import now_ms
 from strata.lake.base import LAKE_SCHEMA, Lake, file_relpath
-from strata.lake.masking import DeletedUsers
+from strata.masking import DeletedUsers
 from strata.loader.dedup import DedupIndex, hash_ids
 from strata.loader.sinks import EVENTS_SINK
 from strata.log import Log, RecordBatch, open_log

@@ -6,7 +6,7 @@ backfill, replay and delete-user share:
 1. Read the day's events from the source into the staging table
    ``lake_batch_events``: lake files under ``date=D`` (either tier), or log
    records whose event time is in D (deduplicated by event_id, first offset
-   wins). Deleted users are masked (strata.lake.masking).
+   wins). Deleted users are masked (strata.masking).
    Only log positions below the *cut* of their partition are taken:
    ``cut = min(archiver committed offset, loader committed offset)``. A lake
    row the loader has not loaded yet must not be counted now, or the rollup's
@@ -44,7 +44,7 @@ from strata.config import Config, parse_duration_ms
 from strata.durable import read_json
 from strata.events import now_ms
 from strata.lake.base import LAKE_SCHEMA, Lake, day_bounds_ms, day_of
-from strata.lake.masking import DeletedUsers
+from strata.masking import DeletedUsers
 from strata.metrics import Metric
 from strata.store import Store
 from strata.store.ddl import GRANULARITIES

@@ -67,7 +67,7 @@ class _Local:
     def __init__(self, config: Config, *, with_log: bool = True) -> None:
         from strata.lake.base import Lake
         from strata.lake.batch import BatchJob
-        from strata.lake.masking import DeletedUsers
+        from strata.masking import DeletedUsers
         from strata.store import Store
 
         try:

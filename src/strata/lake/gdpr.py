@@ -5,7 +5,7 @@ through ``POST /v1/admin/delete-user``, or ``strata delete-user`` when no
 server runs), in this order:
 
 1. **Log: masked.** The user goes on the deleted-users list first
-   (strata.lake.masking), so every reader of the log (loader, archiver,
+   (strata.masking), so every reader of the log (loader, archiver,
    processor, replay, batch) drops the user's records from now on, also a
    replay racing with this deletion. The records themselves stay in the
    append-only log until log retention deletes their segments; then the
@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from strata.events import now_ms
 from strata.lake.base import Lake
 from strata.lake.batch import BatchJob
-from strata.lake.masking import DeletedUsers
+from strata.masking import DeletedUsers
 from strata.store import Store
 
 log = logging.getLogger("strata.gdpr")

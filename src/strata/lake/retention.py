@@ -30,7 +30,7 @@ from strata.config import Config, parse_duration_ms
 from strata.events import now_ms
 from strata.lake.base import Lake, day_bounds_ms
 from strata.lake.batch import SQL
-from strata.lake.masking import DeletedUsers
+from strata.masking import DeletedUsers
 from strata.store import Store
 
 log = logging.getLogger("strata.retention")

@@ -17,7 +17,7 @@ from typing import Any
 from strata.lake.archiver import Archiver
 from strata.lake.base import Lake
 from strata.lake.batch import BatchJob
-from strata.lake.masking import DeletedUsers
+from strata.masking import DeletedUsers
 from strata.lake.scheduler import LakeScheduler
 
 

@@ -36,6 +36,7 @@ from strata.events import now_ms
 from strata.loader.dedup import DedupIndex, hash_ids
 from strata.loader.sinks import Sink
 from strata.log.base import Consumer, Log, RecordBatch
+from strata.masking import DeletedUsers
 from strata.store import Store
 
 log = logging.getLogger("strata.loader")
@@ -75,6 +76,9 @@ class Loader:
         self.max_batch_events = max_batch_events
         self.max_wait_ms = max_wait_ms
         self.stats = LoaderStats()
+        # Users deleted with `strata delete-user` whose records the log still
+        # holds: masked on this read path (docs/storage.md).
+        self.deleted_users = DeletedUsers(directory.parent.parent) if sink.topic == "events" else None
         self.checkpoint_path = directory / "checkpoint.json"
         self.dedup = DedupIndex(directory / "dedup", dedup_horizon_ms) if sink.id_field else None
         self.consumer: Consumer = log.consumer(f"{self.GROUP}-{sink.topic}", sink.topic)
@@ -140,8 +144,13 @@ class Loader:
                     have.timestamps_ms.extend(stamps)
                 if collected[batch.partition].last_offset >= last:
                     remaining.pop(batch.partition, None)
-        for partition, (_, last) in ranges.items():
-            self.consumer.seek(partition, last + 1)
+        # Polling also advanced partitions outside the plan: put every
+        # assigned partition back where the checkpoint says it is.
+        for partition in self.consumer.assignment():
+            if partition in ranges:
+                self.consumer.seek(partition, ranges[partition][1] + 1)
+            else:
+                self.consumer.seek(partition, self.offsets.get(partition, 0))
         return list(collected.values())
 
     # -- one cycle -----------------------------------------------------------
@@ -187,6 +196,10 @@ class Loader:
                 if kept < len(keep):
                     table = table.filter(pa.array(keep))
                     offsets = offsets[keep]
+            keep_mask = self.deleted_users.keep_mask(table) if self.deleted_users else None
+            if keep_mask is not None:
+                table = table.filter(pa.array(keep_mask))
+                offsets = offsets[keep_mask]
             if table.num_rows:
                 if "ts" in table.column_names:
                     top = int(pc.max(table.column("ts")).as_py())

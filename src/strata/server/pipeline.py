@@ -49,7 +49,9 @@ class Pipeline:
     _query: Any = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, config: Config) -> Pipeline:
+    def open_loading(cls, config: Config) -> Pipeline:
+        """The log, the store and one loader per sink: what every shape that
+        owns the store runs (`strata serve`'s core, `strata query-api`)."""
         log_ = open_log(config)
         store = Store.open(config)
         pipeline = cls(config=config, log=log_, store=store, keyring=Keyring(config))
@@ -64,6 +66,12 @@ class Pipeline:
                 max_batch_events=config.loader.max_batch_events,
                 max_wait_ms=config.loader.max_wait_ms,
             )
+        return pipeline
+
+    @classmethod
+    def open(cls, config: Config) -> Pipeline:
+        """The whole embedded core: loading plus lake, schedulers and processor."""
+        pipeline = cls.open_loading(config)
         from strata.lake.wiring import register_lake  # archiver, nightly batch, retention
 
         register_lake(pipeline)
@@ -71,7 +79,9 @@ class Pipeline:
             from strata.processor.runner import Processor
             from strata.serving import open_serving
 
-            pipeline.components["processor"] = Processor(config, log_, open_serving(config))
+            pipeline.components["processor"] = Processor(
+                config, pipeline.log, open_serving(config), on_revised=pipeline.on_revised
+            )
         return pipeline
 
     def start(self) -> None:

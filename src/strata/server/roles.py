@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from strata.config import Config, ConfigError, load_config, parse_duration_ms
+from strata.config import Config, ConfigError, load_config
 
 log = logging.getLogger("strata.roles")
 
@@ -247,28 +247,9 @@ def ingest_worker_main(argv: list[str]) -> None:
 def open_query_pipeline(config: Config) -> Any:
     """The core's ``Pipeline`` with the loaders and the query layer only: no
     archiver and no nightly batch (their own roles run those)."""
-    from strata.auth import Keyring
-    from strata.loader.loader import Loader
-    from strata.loader.sinks import SINKS
-    from strata.log import open_log
     from strata.server.pipeline import Pipeline
-    from strata.store import Store
 
-    log_ = open_log(config)
-    store = Store.open(config)
-    pipeline = Pipeline(config=config, log=log_, store=store, keyring=Keyring(config))
-    horizon = parse_duration_ms(config.loader.dedup_horizon)
-    for topic, sink in SINKS.items():
-        pipeline.loaders[topic] = Loader(
-            log_,
-            store,
-            sink,
-            config.data_path / "loader" / topic,
-            dedup_horizon_ms=horizon,
-            max_batch_events=config.loader.max_batch_events,
-            max_wait_ms=config.loader.max_wait_ms,
-        )
-    return pipeline
+    return Pipeline.open_loading(config)
 
 
 def run_query_api(args: argparse.Namespace) -> int:

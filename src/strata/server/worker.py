@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     config = read_resolved_config(args.resolved_config)
     log_ = open_log(config, create_topics=False)
     committer = GroupCommitter(log_)
-    service = IngestService(config, committer, Keyring(config))
+    service = IngestService(config, committer, Keyring(config), log=log_)
     proxy = CoreProxy(str(core_socket(config)))
     stop = threading.Event()
     threading.Thread(
