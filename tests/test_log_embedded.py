@@ -347,6 +347,34 @@ def test_producers_in_threads_share_a_partition(tmp_path: Path) -> None:
     log.close()
 
 
+def test_a_forked_child_must_open_its_own_log(tmp_path: Path) -> None:
+    log = open_log(tmp_path)
+    log.create_topic("t", 1)
+    producer = log.producer()
+    producer.produce("t", 0, None, b"parent")
+    producer.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: the inherited log refuses, a new one works
+        code = 1
+        try:
+            producer.produce("t", 0, None, b"inherited")
+            try:
+                producer.flush()
+            except LogError:
+                child_log = open_log(tmp_path)
+                child_producer = child_log.producer()
+                child_producer.produce("t", 0, None, b"child")
+                child_producer.close()
+                child_log.close()
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [r.value for r in read_all(log, "t", 0)] == [b"parent", b"child"]
+    log.close()
+
+
 # --- crash recovery ------------------------------------------------------------------------------
 
 

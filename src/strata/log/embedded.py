@@ -112,6 +112,18 @@ _SIZE_RECOUNT_S = 1.0
 
 _fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
+# A forked child shares its parent's open file descriptions, and with them the
+# flocks, so it must not write through a log its parent opened.
+_fork_generation = 0
+
+
+def _count_fork() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -331,6 +343,7 @@ class _Partition:
     # -- locking and life cycle
 
     def flocked(self) -> _Flock:
+        self.log._check_not_forked()
         return _Flock(self.lock_fd)
 
     def close(self) -> None:
@@ -600,7 +613,14 @@ class _Partition:
 
     def _create_segment(self, base_offset: int) -> _Segment:
         path = os.path.join(self.directory, _segment_name(base_offset))
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # Exclusive: appending to a segment this process did not index would
+            # write batches with wrong offsets, which the next scan cuts away.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError as exc:
+            raise LogError(
+                f"{self.topic}/{self.number}: segment {path} appeared unexpectedly"
+            ) from exc
         if self._sync_policy():
             _fsync_dir(self.directory)
         self._set_writer(fd, base_offset)
@@ -768,6 +788,7 @@ class EmbeddedLog(Log):
         self._size_estimate = 0
         self._size_counted_at = float("-inf")
         self._background_error: BaseException | None = None
+        self._fork_generation = _fork_generation
         if not self.path.is_dir():
             self.path.mkdir(parents=True, exist_ok=True)
             if fsync != "never":
@@ -1060,8 +1081,16 @@ class EmbeddedLog(Log):
         if self._closed:
             raise LogError(f"log at {self.path} is closed")
 
+    def _check_not_forked(self) -> None:
+        if self._fork_generation != _fork_generation:
+            raise LogError(
+                f"the log at {self.path} was opened before this process forked; "
+                "open a new EmbeddedLog in the child"
+            )
+
     def _check_writable(self) -> None:
         self._check_open()
+        self._check_not_forked()
         error, self._background_error = self._background_error, None
         if error is not None:
             raise LogError(f"a background fsync failed; recent records may not be durable: {error}")
