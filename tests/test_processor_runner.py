@@ -258,3 +258,19 @@ def test_processors_splitting_partitions_merge_to_the_single_processor_result(
     for processor in [*shards, single]:
         processor.close()
     log.close()
+
+
+def test_revised_ranges_are_reported_to_the_query_layer_hook(tmp_path: Path) -> None:
+    config = load_config(
+        overrides={"data_dir": str(tmp_path), "log.partitions": 2, "log.fsync": "never"}
+    )
+    fill_log(config, make_events(4_000, seed=5, late_share=0.03))
+    log = open_log(config)
+    serving = MemoryServingStore()
+    reported: list[tuple[int, int]] = []
+    processor = Processor(config, log, serving, on_revised=lambda a, b: reported.append((a, b)))
+    drain(processor)
+    recorded = {r for m in processor.metrics for r in serving.revised(m.name, 0, 2**62)}
+    assert reported and set(reported) == recorded
+    processor.close()
+    log.close()

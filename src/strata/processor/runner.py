@@ -35,7 +35,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +102,12 @@ class Processor:
         *,
         partitions: Sequence[int] | None = None,
         directory: Path | None = None,
+        on_revised: Callable[[int, int], None] | None = None,
     ) -> None:
+        """``on_revised(start_ms, end_ms)`` is called for every window range
+        revised by late events (the query layer drops cached results)."""
         self.config = config
+        self.on_revised = on_revised
         self.log = log_
         self.serving = serving
         self.metrics: list[Metric] = compile_metrics(config.metrics)
@@ -373,6 +377,12 @@ class Processor:
                 by_metric.setdefault(metric, []).append((start, end))
             for metric, ranges in by_metric.items():
                 self.serving.add_revised(metric, sorted(set(ranges)))
+            if self.on_revised is not None:
+                for start, end in sorted({(a, b) for _, a, b in step.revised}):
+                    try:
+                        self.on_revised(start, end)
+                    except Exception:  # a cache hook must not stop processing
+                        log.warning("processor: on_revised hook failed", exc_info=True)
 
     def _early_firing(self, now: int) -> None:
         dirty = self.engine.take_dirty()
