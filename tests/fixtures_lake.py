@@ -134,7 +134,7 @@ class LakeEnv:
         from strata.lake.archiver import Archiver
         from strata.lake.base import Lake
         from strata.lake.batch import BatchJob
-        from strata.lake.masking import DeletedUsers
+        from strata.masking import DeletedUsers
         from strata.loader.loader import Loader
         from strata.loader.sinks import EVENTS_SINK
         from strata.log import open_log
