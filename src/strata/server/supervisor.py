@@ -14,7 +14,6 @@ the core drain the log into the store before it exits.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -26,6 +25,7 @@ from typing import TextIO
 
 from strata.auth import ensure_initial_keys
 from strata.config import Config
+from strata.durable import atomic_write_json
 from strata.server.process import core_socket, run_dir, write_resolved_config
 
 
@@ -124,9 +124,16 @@ def serve(config: Config, *, demo: bool = False, demo_rate: int = 200, out: Text
     for worker in workers:
         worker.start()
     children = [core, *workers]
-    (run_dir(config) / "serve.json").write_text(
-        json.dumps({"url": url, "pid": os.getpid(), "children": {c.name: c.process.pid for c in children if c.process}})
-    )
+
+    def record_children() -> None:
+        # Rewritten after every restart: operators and the chaos soak read
+        # the live PIDs from here.
+        atomic_write_json(run_dir(config) / "serve.json", {
+            "url": url, "pid": os.getpid(),
+            "children": {c.name: c.process.pid for c in children if c.process},
+        })
+
+    record_children()
     print(f"strata is running at {url}  (data: {data})", file=out, flush=True)
     print(f"  dashboard: {url}/   status: {url}/v1/status   metrics: {url}/metrics", file=out, flush=True)
     if created:
@@ -159,11 +166,13 @@ def serve(config: Config, *, demo: bool = False, demo_rate: int = 200, out: Text
                     print(f"strata: {child.name} exited; restarting", file=sys.stderr, flush=True)
                     child.start()
                     _wait_for_core(child, socket_path)
+                    record_children()
                 else:
                     child.restarts += 1
                     print(f"strata: {child.name} exited; restarting", file=sys.stderr, flush=True)
                     time.sleep(min(5.0, 0.2 * child.restarts))
                     child.start()
+                    record_children()
     finally:
         for child in children:
             if child is not core:
