@@ -1,4 +1,5 @@
-"""Role commands of the distributed shape: ``strata ingest`` and ``strata query-api``.
+"""Role commands of the distributed shape: ``strata ingest``, ``strata query-api``
+and ``strata archive``.
 
 In the distributed shape (docs/deploy.md) every role is its own command,
 reads the same config file, and talks to the others only through the log
@@ -15,8 +16,11 @@ reads the same config file, and talks to the others only through the log
   writer of the streaming tables (one writer per table), so run exactly one
   per store. It does not run the archiver, the processor or the nightly batch:
   those are ``strata archive``, ``strata process`` and ``strata batch``.
+* ``strata archive``: the lake archiver alone (log -> Parquet lake, exactly
+  once by event_id), one process over every partition of ``events``. On
+  SIGTERM it drains what the log already holds, checkpoints and exits.
 
-``strata process`` and ``strata archive`` are defined by their own stages.
+``strata process`` is defined by its own stage (``strata.processor``).
 """
 
 from __future__ import annotations
@@ -54,9 +58,9 @@ def _load(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {}
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
-    if args.host:
+    if getattr(args, "host", None):
         overrides["server.host"] = args.host
-    if args.port is not None:
+    if getattr(args, "port", None) is not None:
         overrides["server.port"] = args.port
     if getattr(args, "workers", None) is not None:
         overrides["server.ingest_workers"] = args.workers
@@ -294,11 +298,59 @@ def run_query_api(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- strata archive ----------------------------------------------------------------------------
+
+
+def run_archive(args: argparse.Namespace) -> int:
+    """Archive the log into the lake until SIGTERM/SIGINT, then drain and exit 0
+    (``--drain``: archive what the log holds now and exit). 2 on a config error,
+    1 when the log or the lake cannot be opened."""
+    from strata.lake.archiver import Archiver
+    from strata.log import LogError, open_log
+    from strata.logs import setup_logging
+
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"strata: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("archive")
+    config.data_path.mkdir(parents=True, exist_ok=True)
+    stop = _stop_on_signals()
+    try:
+        log_ = open_log(config)
+    except LogError as exc:
+        print(f"strata: archive: the log is not reachable: {exc}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            archiver = Archiver.from_config(config, log_)
+        except (OSError, ValueError, ConfigError) as exc:
+            print(f"strata: archive: cannot open the lake: {exc}", file=sys.stderr)
+            return 1
+        try:
+            if args.drain:
+                archived = archiver.drain()
+                print(f"strata archive: drained {archived} record(s)", flush=True)
+                return 0
+            print(
+                f"strata archive is running (lake: {config.lake.path or config.data_path / 'lake'}, "
+                f"log: {config.log.backend})",
+                flush=True,
+            )
+            archiver.run(stop)  # returns after draining once stop is set
+            return 0
+        finally:
+            archiver.close()
+    finally:
+        log_.close()
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 
 def add_role_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add ``ingest`` and ``query-api`` to the ``strata`` command line."""
+    """Add ``ingest``, ``query-api`` and ``archive`` to the ``strata`` command line."""
     p = sub.add_parser("ingest", help="distributed shape: run ingest workers only (no core)")
     common(p)
     p.add_argument("--host")
@@ -313,6 +365,15 @@ def add_role_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.set_defaults(func=run_query_api)
+
+    p = sub.add_parser(
+        "archive", help="distributed shape: run the lake archiver alone (log -> Parquet lake)"
+    )
+    common(p)
+    p.add_argument(
+        "--drain", action="store_true", help="archive what the log holds now, then exit"
+    )
+    p.set_defaults(func=run_archive)
 
 
 if __name__ == "__main__":
