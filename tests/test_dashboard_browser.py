@@ -205,6 +205,12 @@ def test_assets_are_served_from_the_package_with_a_strict_policy(dash: dict[str,
     assert "https://" not in index.text and "http://" not in index.text  # no CDN
     vendored = server.client.get(server.url + "/dashboard/static/vendor/echarts/echarts.min.js")
     assert vendored.status_code == 200 and len(vendored.content) > 500_000
+    assert "script-src 'self'" in vendored.headers["content-security-policy"]
+    again = server.client.get(
+        server.url + "/dashboard/static/vendor/echarts/echarts.min.js",
+        headers={"If-None-Match": vendored.headers["etag"]},
+    )
+    assert again.status_code == 304  # revalidated, not downloaded again
     missing = server.client.get(server.url + "/dashboard/static/nope.js")
     assert missing.status_code == 404
     # API routes still win over the dashboard's.

@@ -60,8 +60,9 @@ def static_dir() -> Any:
 
 
 class _SecureStatic:
-    """StaticFiles plus the security headers; assets are cached briefly
-    (they change only with the installed package)."""
+    """StaticFiles plus the security headers. Assets are revalidated on
+    every load (ETag / Last-Modified, answered 304), so an upgraded
+    package never pairs a new index.html with an old app.js."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -72,7 +73,7 @@ class _SecureStatic:
                 headers = list(message.get("headers", []))
                 for name, value in SECURITY_HEADERS.items():
                     headers.append((name.lower().encode(), value.encode()))
-                headers.append((b"cache-control", b"public, max-age=300"))
+                headers.append((b"cache-control", b"no-cache"))
                 message = {**message, "headers": headers}
             await send(message)
 
