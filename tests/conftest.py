@@ -15,7 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
+REDIS_SERVER = "/usr/bin/redis-server"
 WRITE_KEY = "wk_test_key"
 ADMIN_TOKEN = "at_test_token"
 QUERY_TOKEN = "qt_test_token"
@@ -163,3 +165,45 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrataSe
     server = StrataServer(tmp_path_factory.mktemp("shared") / "data").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A redis-server per test module, on a free loopback port, no
+    persistence; killed by PID."""
+    if not os.path.exists(REDIS_SERVER):
+        pytest.fail(f"{REDIS_SERVER} is required for the Redis serving tests")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+    client.close()
+    try:
+        yield url
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.fixtures_processor import fill_log, make_events, read_topic, redis_url  # noqa: F401
+from tests.fixtures_processor import fill_log, make_events, read_topic
 
 from strata.config import load_config
 from strata.log import open_log

@@ -3,11 +3,6 @@ real redis-server (started on a free loopback port, killed by PID)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 
@@ -18,53 +13,6 @@ from strata.query.cache import MemoryCache, RedisCache, ResultCache, fingerprint
 from strata.query.limits import QueryLimits, RateLimitExceeded, open_limits
 from strata.query.results import QueryResult
 from strata.query.router import TimeRange
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
-    client.close()
-    yield f"redis://127.0.0.1:{port}/0"
-    os.kill(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
 
 
 def _limits(backend: str, redis_url: str = "", **query: object) -> QueryLimits:

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from tests.fixtures_processor import redis_url  # noqa: F401  (fixture)
 
 from strata.config import MetricConfig, load_config
 from strata.metrics import compile_metric

@@ -44,34 +44,11 @@ import pyarrow.parquet as pq
 
 from strata.config import Config
 from strata.durable import fsync_dir
-
-TIMESTAMP = pa.timestamp("ms", tz="UTC")
+from strata.loader.sinks import EVENTS_SINK, TIMESTAMP
 
 # The columns of every lake file: the raw table's columns (strata.loader.sinks
 # EVENTS_SINK plus the log position), in this order.
-LAKE_SCHEMA = pa.schema(
-    [
-        ("event_id", pa.string()),
-        ("event_type", pa.string()),
-        ("user_id", pa.string()),
-        ("anonymous_id", pa.string()),
-        ("distinct_id", pa.string()),
-        ("session_id", pa.string()),
-        ("ts", TIMESTAMP),
-        ("received_at", TIMESTAMP),
-        ("country", pa.string()),
-        ("platform", pa.string()),
-        ("os", pa.string()),
-        ("app_version", pa.string()),
-        ("path", pa.string()),
-        ("referrer", pa.string()),
-        ("revenue", pa.float64()),
-        ("currency", pa.string()),
-        ("properties", pa.string()),
-        ("_partition", pa.uint16()),
-        ("_offset", pa.uint64()),
-    ]
-)
+LAKE_SCHEMA = EVENTS_SINK.stored_schema
 
 TIERS = ("hot", "cold")
 

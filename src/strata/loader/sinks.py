@@ -38,6 +38,17 @@ class Sink:
             pa_json.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="ignore"),
         )
 
+    @property
+    def stored_schema(self) -> pa.Schema:
+        """The Arrow schema of what ``finish`` returns: the table's columns."""
+        fields = [
+            pa.field(f.name, TIMESTAMP) if f.name in self.timestamp_fields else f
+            for f in self.schema
+        ]
+        if self.with_position:
+            fields += [pa.field("_partition", pa.uint16()), pa.field("_offset", pa.uint64())]
+        return pa.schema(fields)
+
     def decode(self, values: list[bytes]) -> pa.Table:
         """Parse JSON records into a table with the sink's schema."""
         table = pa_json.read_json(

@@ -3,28 +3,8 @@
 -- Staging for the batch job: one day of raw events read from the lake (plus
 -- the not-yet-archived tail from `events`). Truncated before every use; no
 -- TTL and no insert deduplication, so re-running a day never drops rows.
-CREATE TABLE IF NOT EXISTS lake_batch_events
-(
-    event_id     String,
-    event_type   LowCardinality(String),
-    user_id      String,
-    anonymous_id String,
-    distinct_id  String,
-    session_id   String,
-    ts           DateTime64(3, 'UTC'),
-    received_at  DateTime64(3, 'UTC'),
-    country      LowCardinality(String),
-    platform     LowCardinality(String),
-    os           LowCardinality(String),
-    app_version  LowCardinality(String),
-    path         String,
-    referrer     String,
-    revenue      Float64,
-    currency     LowCardinality(String),
-    properties   String,
-    _partition   UInt16,
-    _offset      UInt64
-)
+-- Same columns as `events` (001_events.sql), none of its TTL or settings.
+CREATE TABLE IF NOT EXISTS lake_batch_events AS events
 ENGINE = MergeTree
 ORDER BY tuple();
 
