@@ -288,6 +288,17 @@ def test_panels_show_the_numbers_the_metrics_api_returns(dash: dict[str, Any], p
     assert int(page.get_attribute("#panel-pageviews", "data-windows")) >= 1
     assert url_is_live(api_calls(page, "pageviews"))
     live = api.get(api_calls(page, "pageviews")[-1]).json()
+    # Revised ranges (the generator sends a share of late events) are marked,
+    # as many as the API lists for the page's own call.
+    deadline = time.monotonic() + 30
+    while True:
+        url = api_calls(page, "pageviews")[-1]
+        shown = int(page.get_attribute("#panel-pageviews", "data-revised-ranges"))
+        live = api.get(url).json()
+        if shown == len(live["revised"]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert shown == len(live["revised"])
     if live["open_windows"]:
         assert int(page.get_attribute("#panel-pageviews", "data-open-windows")) >= 1
         assert "provisional" in page.text_content("#panel-pageviews .panel-status")
