@@ -343,7 +343,13 @@ def test_range_and_granularity_drive_the_api_calls(dash: dict[str, Any], page: A
     page.fill("#custom-to", "2026-01-02T00:00")
     page.dispatch_event("#custom-to", "change")
     page.select_option("#granularity-select", "auto")
-    params = params_once(lambda p: p.get("from") == ["2026-01-01T00:00:00.000Z"])
+    params = params_once(
+        lambda p: (
+            p.get("from") == ["2026-01-01T00:00:00.000Z"]
+            and p.get("to") == ["2026-01-02T00:00:00.000Z"]
+            and p.get("granularity") == ["1h"]
+        )
+    )
     assert params["from"] == ["2026-01-01T00:00:00.000Z"]
     assert params["to"] == ["2026-01-02T00:00:00.000Z"]
     assert params["granularity"] == ["1h"]  # auto: 1 h buckets for a 1-day range
