@@ -340,7 +340,7 @@ def test_range_and_granularity_drive_the_api_calls(dash: dict[str, Any], page: A
     assert span == 86_400_000
     page.select_option("#range-select", "custom")
     page.fill("#custom-from", "2026-01-01T00:00")
-    page.fill("#custom-to", "2026-01-02T00:00")
+    page.fill("#custom-to", "2026-01-11T00:00")
     page.dispatch_event("#custom-to", "change")
     page.select_option("#granularity-select", "auto")
     params = params_once(
@@ -351,8 +351,8 @@ def test_range_and_granularity_drive_the_api_calls(dash: dict[str, Any], page: A
         )
     )
     assert params["from"] == ["2026-01-01T00:00:00.000Z"]
-    assert params["to"] == ["2026-01-02T00:00:00.000Z"]
-    assert params["granularity"] == ["1h"]  # auto: 1 h buckets for a 1-day range
+    assert params["to"] == ["2026-01-11T00:00:00.000Z"]
+    assert params["granularity"] == ["1d"]  # auto: daily buckets for a 10-day range
     page.wait_for_selector("#panel-pageviews[data-windows='0']", timeout=30_000)
     # A request the API refuses turns the panel into a visible error state.
     page.fill("#funnel-steps", "page_view")
