@@ -346,8 +346,8 @@ def test_range_and_granularity_drive_the_api_calls(dash: dict[str, Any], page: A
     params = params_once(
         lambda p: (
             p.get("from") == ["2026-01-01T00:00:00.000Z"]
-            and p.get("to") == ["2026-01-02T00:00:00.000Z"]
-            and p.get("granularity") == ["1h"]
+            and p.get("to") == ["2026-01-11T00:00:00.000Z"]
+            and p.get("granularity") == ["1d"]
         )
     )
     assert params["from"] == ["2026-01-01T00:00:00.000Z"]
