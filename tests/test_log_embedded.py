@@ -143,6 +143,14 @@ def test_topics_are_created_once(tmp_path: Path) -> None:
         producer.produce("t", 4, None, b"x")
     with pytest.raises(TypeError):
         producer.produce("t", 0, None, "not bytes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):  # all of them or none
+        producer.produce_many("t", 1, [(None, b"ok"), (None, "not bytes")])  # type: ignore[list-item]
+    producer.produce_many("t", 2, [])
+    producer.flush()
+    producer.produce_many("t", 2, [(None, b"x")])
+    producer.flush()
+    assert log.end_offsets("t") == {0: 0, 1: 0, 2: 1, 3: 0}
+    assert [r.value for r in read_all(log, "t", 2)] == [b"x"]
     log.close()
     with pytest.raises(LogError):
         log.end_offsets("t")

@@ -1175,6 +1175,7 @@ class EmbeddedProducer(Producer):
         if buffer is None:
             buffer = self._buffer(topic, partition)
         data = buffer.data
+        size_before = len(data)
         pack_no_key = _KEY_AND_VALUE_LENGTH.pack
         pack_i32 = _I32.pack
         pack_u32 = _U32.pack
@@ -1191,8 +1192,10 @@ class EmbeddedProducer(Producer):
                     data += pack_u32(len(value))
                 data += value
                 added += 1
-        finally:
-            buffer.count += added
+        except BaseException:
+            del data[size_before:]  # all of them or none
+            raise
+        buffer.count += added
 
     def flush(self) -> None:
         if self._closed:
@@ -1202,11 +1205,13 @@ class EmbeddedProducer(Producer):
         buffers, self._buffers = self._buffers, {}
         log = self._log
         log._check_writable()
-        log._reserve(sum(len(buffer.data) for buffer in buffers.values()))
+        log._reserve(sum(len(buffer.data) for buffer in buffers.values() if buffer.count))
         sync = log._fsync == "always"
         sync_fds: list[int] = []
         try:
             for (topic, number), buffer in buffers.items():
+                if buffer.count == 0:
+                    continue  # a batch without records would read as corrupt
                 partition = log._partition(topic, number)
                 with partition.lock:
                     written, sync_fd = partition.append(
