@@ -14,11 +14,6 @@ Run as a script to refresh the README screenshot under demo traffic:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -33,6 +28,8 @@ import pytest
 if __name__ == "__main__":  # run as a script: make `tests` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.conftest import ADMIN_TOKEN, QUERY_TOKEN, WRITE_KEY, StrataServer  # noqa: E402
+
+# redis_url: the shared redis-server fixture in tests/conftest.py.
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -54,12 +51,6 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debia
 
 
 # -- fixtures -----------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_traffic(url: str, total: int, rate: float = 600) -> threading.Thread:
     from strata import generate
 
@@ -506,61 +497,9 @@ def test_text_from_events_is_never_run_as_html(dash: dict[str, Any], page: Any) 
 
 
 # -- the Redis serving store ------------------------------------------------------------------
-def redis_backend_available() -> str | None:
-    """None if strata has a Redis serving store, else why not."""
-    try:
-        import strata.serving as serving
-    except ImportError:
-        return "strata.serving does not exist"
-    if not hasattr(serving, "open_serving_store") and not any(
-        (Path(serving.__file__).parent / name).exists() for name in ("redis.py", "redis_store.py")
-    ):
-        return "strata.serving has no Redis backend yet"
-    if shutil.which("redis-server") is None:
-        return "redis-server is not installed"
-    return None
-
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.05)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        os.kill(process.pid, signal.SIGTERM)
-        process.wait(10)
-
-
 def test_the_page_works_with_the_redis_serving_store(
     redis_url: str, tmp_path: Path, page: Any
 ) -> None:
-    reason = redis_backend_available()
-    if reason:
-        pytest.skip(reason)
     server = StrataServer(
         tmp_path / "data",
         env={
