@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--flush-every", type=int, default=5_000)
+    parser.add_argument("--embedded-only", action="store_true",
+                        help="skip the Kafka backend (no tansu broker; smoke test)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
     records = make_records(args.records)
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
         "embedded, fsync=never": lambda: embedded("never"),
         "kafka (confluent-kafka -> tansu 0.6.0, memory storage)": kafka,
     }
+    if args.embedded_only:
+        backends = {k: v for k, v in backends.items() if k.startswith("embedded")}
     results: dict[str, dict[str, list[float]]] = {}
     for name, opener in backends.items():
         produce: list[float] = []

@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cpu-seconds", type=float, default=3.0,
+                        help="seconds of each in-process (CPU-only) measurement")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -112,9 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                     results[key].append(rate * args.batch)
                 finally:
                     server.stop()
-            in_process(body, 0.5, True, tmp_path / f"warmup-{run}")
+            in_process(body, min(0.5, args.cpu_seconds), True, tmp_path / f"warmup-{run}")
             for key, flag in (("cpu_none", False), ("cpu_schemas", True)):
-                results[key].append(in_process(body, 3.0, flag, tmp_path / f"{key}-{run}"))
+                results[key].append(in_process(body, args.cpu_seconds, flag, tmp_path / f"{key}-{run}"))
     slowdown = 1 - statistics.median(results["schemas"]) / statistics.median(results["none"])
     cpu_slowdown = 1 - statistics.median(results["cpu_schemas"]) / statistics.median(results["cpu_none"])
     lines = [
