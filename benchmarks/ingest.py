@@ -96,6 +96,26 @@ def run_wrk(url: str, body_path: Path, seconds: float, connections: int) -> tupl
     return rate, int(non2xx.group(1)) if non2xx else 0
 
 
+def worker_cpu_s(supervisor: int) -> float:
+    """CPU seconds (user + system) used so far by the ingest worker processes
+    under ``supervisor`` (the machine is shared: events per worker CPU-second
+    is the per-core figure; wall-clock rates depend on the other load)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == supervisor and b"strata.server.worker" in cmdline:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def baseline_loop(body: bytes, seconds: float, data_dir: Path) -> float:
     """Decode each request body and append its events to the embedded log
     with a durable flush per request: the physical limit of the same work
@@ -139,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["baseline"] = [baseline_loop(body, args.seconds / 2, tmp_path / f"b{i}")
                                for i in range(args.runs)]
         catch_up: dict[str, list[float]] = {}
+        per_cpu: dict[str, list[float]] = {}
+        load_before = Path("/proc/loadavg").read_text().split()[0]
         for workers in [int(w) for w in args.workers.split(",")]:
             key = f"serve_{workers}w"
             results[key] = []
@@ -146,10 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
             for run in range(args.runs):
                 server = Server(tmp_path / f"{key}-{run}" / "data", workers)
                 try:
+                    cpu_before = worker_cpu_s(server.process.pid)
                     rate, errors = run_wrk(server.url, body_path, args.seconds, args.connections)
+                    cpu = worker_cpu_s(server.process.pid) - cpu_before
                     if errors:
                         print(f"warning: {errors} non-2xx responses", file=sys.stderr)
                     results[key].append(rate * args.batch)
+                    per_cpu.setdefault(key, []).append(rate * args.batch * args.seconds / max(cpu, 1e-3))
                     ingested = rate * args.batch * args.seconds
                     started = time.perf_counter()
                     # The events loader only: other consumers (the processor's
@@ -176,12 +201,17 @@ def main(argv: list[str] | None = None) -> dict:
             f"| `strata serve`, {workers[:-1]} ingest worker(s), acknowledged (durable, fsync always) "
             f"| {fmt(values)} | {statistics.median(values) / base:.2f} |")
         lines.append(
+            f"| same run, events per CPU-second of the ingest worker process(es) "
+            f"| {fmt(per_cpu[key])} | {statistics.median(per_cpu[key]) / base:.2f} |")
+        lines.append(
             f"| same run, stored in chDB incl. drain (loader, raw + 8 rollups) "
             f"| {fmt(catch_up[key])} | {statistics.median(catch_up[key]) / base:.2f} |")
     body_text = (
         f"Load: wrk (1 thread, {args.connections} connections) posting {args.batch}-event batches "
         f"(about {len(body) // args.batch} bytes per event) for {args.seconds:.0f} s per run, "
-        f"{args.runs} runs; the generator runs on the same 2-core machine.\n\n" + "\n".join(lines)
+        f"{args.runs} runs; the generator runs on the same 2-core machine. Load average (1 min) "
+        f"before / after: {load_before} / {Path('/proc/loadavg').read_text().split()[0]}.\n\n"
+        + "\n".join(lines)
     )
     print(body_text)
     if not args.no_write:
