@@ -32,6 +32,7 @@ from strata.lake.base import Lake, day_bounds_ms
 from strata.lake.batch import SQL
 from strata.masking import DeletedUsers
 from strata.store import Store
+from strata.telemetry import REGISTRY
 
 log = logging.getLogger("strata.retention")
 
@@ -44,6 +45,10 @@ class RetentionReport:
     now_ms: int
     log_deleted_records: int = 0
     log_deleted_segments: int = 0
+    # Records deleted before every consumer group had committed them (only
+    # with log.allow_drop_uncommitted), and why segments were kept otherwise.
+    log_dropped_uncommitted_records: int = 0
+    log_details: list[str] = field(default_factory=list)
     raw_dropped_days: list[str] = field(default_factory=list)
     rollup_5m_dropped_days: dict[str, list[str]] = field(default_factory=dict)
     lake_moved_files: int = 0
@@ -56,6 +61,8 @@ class RetentionReport:
             "log": {
                 "deleted_records": self.log_deleted_records,
                 "deleted_segments": self.log_deleted_segments,
+                "dropped_uncommitted_records": self.log_dropped_uncommitted_records,
+                "details": self.log_details,
             },
             "raw_dropped_days": self.raw_dropped_days,
             "rollup_5m_dropped_days": self.rollup_5m_dropped_days,
@@ -98,6 +105,13 @@ def apply(
         log_report = log_.apply_retention(now)
         report.log_deleted_records = log_report.deleted_records
         report.log_deleted_segments = log_report.deleted_segments
+        report.log_dropped_uncommitted_records = log_report.dropped_uncommitted_records
+        report.log_details = list(log_report.details)
+        if log_report.dropped_uncommitted_records:
+            REGISTRY.inc("strata_log_dropped_uncommitted_records_total",
+                         log_report.dropped_uncommitted_records)
+            log.warning("retention: deleted %d log records a consumer group had not committed",
+                        log_report.dropped_uncommitted_records)
         _prune_deleted_users(config, log_, report)
     if store is not None:
         report.raw_dropped_days = drop_expired_partitions(
