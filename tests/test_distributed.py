@@ -1,15 +1,20 @@
 """The distributed shape on one machine, many processes, real engines.
 
-    tansu (Kafka protocol) <-- 2 x `strata ingest` (one worker each, own ports)
-                           --> 1 x `strata query-api` (loaders + query API, owns chDB)
+1. ``test_ingest_and_query_api_processes_on_kafka_store_every_event_once``:
 
-with ``log.backend = "kafka"``. Generated traffic (with duplicate batches) is
-sent to both ingest nodes; the query-api is killed with -9 mid-run and
-restarted. Afterwards the raw table holds every acknowledged event exactly
-once and the rollups agree with it.
+       tansu (Kafka protocol) <-- 2 x `strata ingest` (one worker each, own ports)
+                              --> 1 x `strata query-api` (loaders + query API, owns chDB)
 
-Not covered here (see docs/deploy.md): `strata process` in a consumer group
-with Redis serving, and `strata archive`; those roles belong to other stages.
+   Generated traffic (with duplicate batches) goes to both ingest nodes; the
+   query-api is killed with -9 mid-run and restarted. Afterwards the raw table
+   holds every acknowledged event exactly once and the rollups agree with it.
+
+2. ``test_processor_group_archiver_and_query_api_survive_a_processor_kill``:
+   the whole issue-7 shape, tansu + redis-server + 2 `strata ingest` +
+   2 `strata process --group` (one consumer group, Redis serving) +
+   1 `strata archive` + 1 `strata query-api`; one processor is killed with -9
+   and its partitions move, with their checkpoints and journals, to the other
+   (see that test's docstring for what the results are compared with).
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ def broker() -> Iterator[str]:
 class Role:
     """One `strata <role>` process with its own data directory and port."""
 
-    def __init__(self, tmp: Path, name: str, argv: list[str], config: Path) -> None:
+    def __init__(
+        self, tmp: Path, name: str, argv: list[str], config: Path, *, http: bool = True
+    ) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,13 +64,14 @@ class Role:
             str(config),
             "--data-dir",
             str(tmp / name),
-            "--port",
-            str(self.port),
+            *(["--port", str(self.port)] if http else []),
         ]
         self.log_path = tmp / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, ready_path: str = "/healthz") -> Role:
+    def start(self, ready_path: str = "/healthz", *, ready_line: str | None = None) -> Role:
+        """Start and wait until ``ready_path`` answers 200 (or, for roles
+        without HTTP, until the output contains ``ready_line``)."""
         env = {**os.environ, "STRATA_WRITE_KEYS": WRITE_KEY, "STRATA_ADMIN_TOKENS": ADMIN_TOKEN}
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
@@ -73,11 +81,15 @@ class Role:
         while True:
             assert self.process.poll() is None, f"{self.name} exited:\n{self.log_tail()}"
             assert time.monotonic() < deadline, f"{self.name} not ready:\n{self.log_tail()}"
-            try:
-                if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
+            if ready_line is not None:
+                if ready_line in self.log_path.read_text(errors="replace"):
                     return self
-            except httpx.HTTPError:
-                pass
+            else:
+                try:
+                    if httpx.get(self.url + ready_path, timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
             time.sleep(0.2)
 
     def log_tail(self) -> str:
@@ -197,6 +209,335 @@ sql_max_rows = 1000000
                 f"FROM rollup_events_by_type_{granularity} GROUP BY 1",
             )
             assert dict(map(tuple, rollup)) == raw, granularity
+    finally:
+        for role in roles:
+            role.stop()
+
+
+# --- the full issue-7 shape: processors in a consumer group, archiver, kill -9 -------------------
+
+METRICS_TOML = """
+[[metrics]]
+name = "events_by_type"
+dimensions = ["event_type"]
+aggregations = { events = "count()", users = "uniq(distinct_id)" }
+window = "10s"
+out_of_orderness = "3s"
+
+[[metrics]]
+name = "views_by_country"
+filter = "event_type = 'page_view'"
+dimensions = ["country"]
+aggregations = { views = "count()", users = "uniq(distinct_id)" }
+window = "10s"
+out_of_orderness = "3s"
+"""
+
+METRIC_NAMES = ("events_by_type", "views_by_country")
+WINDOW_MS = 10_000
+
+
+def owned(role: Role) -> list[int] | None:
+    """The partitions a `strata process --group` member last announced."""
+    lines = [
+        line
+        for line in role.log_path.read_text(errors="replace").splitlines()
+        if line.startswith("strata process: owns partitions ")
+    ]
+    if not lines:
+        return None
+    text = lines[-1].removeprefix("strata process: owns partitions ").strip("[] ")
+    return [int(p) for p in text.split(",") if p.strip()]
+
+
+def wait_for(what: str, check: Any, timeout_s: float = 180, detail: Any = None) -> Any:
+    """Poll ``check()`` until it returns a truthy value (a generous deadline
+    against hangs on a loaded machine, not a timing assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}: {detail() if detail else ''}")
+        time.sleep(0.5)
+
+
+def differences(got: dict[Any, Any], want: dict[Any, Any]) -> list[Any]:
+    keys = sorted(set(got) | set(want), key=repr)
+    return [(k, got.get(k), want.get(k)) for k in keys if got.get(k) != want.get(k)][:20]
+
+
+def loader_offsets(api: Role) -> dict[int, int]:
+    """Next offset per partition of `events` that the query-api's loader has read."""
+    response = httpx.get(
+        f"{api.url}/v1/status", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    offsets = response.json()["consumers"]["loader-events"]["committed_offsets"]
+    return {int(p): int(o) for p, o in offsets.items()}
+
+
+def log_records(config: Path, upto: dict[int, int]) -> list[dict[str, Any]]:
+    """The records of `events` below ``upto`` per partition, read from the broker."""
+    import json
+
+    from strata.config import load_config
+    from strata.log import open_log
+
+    log_ = open_log(load_config(config), create_topics=False)
+    records: list[dict[str, Any]] = []
+    try:
+        for partition, end in sorted(upto.items()):
+            consumer = log_.consumer(f"reference-{os.getpid()}-{time.monotonic_ns()}", "events")
+            consumer.assign([partition])
+            consumer.seek(partition, 0)
+            got = 0
+            deadline = time.monotonic() + 120
+            while got < end:
+                assert time.monotonic() < deadline, f"partition {partition}: {got} of {end}"
+                for record in consumer.poll(end - got, timeout_s=0.5):
+                    records.append(json.loads(record.value))
+                    got += 1
+            consumer.close()
+    finally:
+        log_.close()
+    return records
+
+
+def reference_windows(records: list[dict[str, Any]]) -> dict[tuple[str, int, str], tuple[int, int]]:
+    """(metric, window_start, dim) -> (count, distinct users) over log records:
+    what any processor fed these records must show (late events are folded
+    into their held windows, so every record counts)."""
+    groups: dict[tuple[str, int, str], list[str]] = {}
+    for record in records:
+        start = record["ts"] // WINDOW_MS * WINDOW_MS
+        key = ("events_by_type", start, record["event_type"])
+        groups.setdefault(key, []).append(record["distinct_id"])
+        if record["event_type"] == "page_view":
+            key = ("views_by_country", start, record["country"])
+            groups.setdefault(key, []).append(record["distinct_id"])
+    return {key: (len(ids), len(set(ids))) for key, ids in groups.items()}
+
+
+def served_windows(redis_url: str) -> tuple[dict[tuple[str, int, str], tuple[int, int]], list[Any]]:
+    """The serving store's windows merged over shards (what the query layer
+    shows), and the raw per-shard states."""
+    from strata.metrics import compile_metrics
+    from strata.serving.redis import RedisServingStore
+    from strata.serving.state import finalize, merge_values
+
+    store = RedisServingStore(redis_url, prefix="dist:")
+    try:
+        states = [s for m in METRIC_NAMES for s in store.windows(m, 0, 2**62)]
+    finally:
+        store.close()
+    metrics = {m.name: m for m in compile_metrics(metric_configs())}
+    groups: dict[tuple[str, int, str], list[Any]] = {}
+    for state in states:
+        groups.setdefault((state.metric, state.window_start, state.dims[0]), []).append(state)
+    merged = {}
+    for key, group in groups.items():
+        metric = metrics[key[0]]
+        values = finalize(metric, *merge_values(metric, group))
+        merged[key] = (int(values[metric.aggregations[0].alias]), int(values["users"]))
+    return merged, states
+
+
+def metric_configs() -> list[Any]:
+    import tomllib
+
+    from strata.config import MetricConfig
+
+    return [MetricConfig(**m) for m in tomllib.loads(METRICS_TOML)["metrics"]]
+
+
+@pytest.mark.slow
+def test_processor_group_archiver_and_query_api_survive_a_processor_kill(
+    broker: str, redis_url: str, tmp_path: Path
+) -> None:
+    """tansu + redis-server + 2 `strata ingest` + 2 `strata process` (one
+    consumer group, Redis serving) + 1 `strata archive` + 1 `strata query-api`.
+
+    One processor is killed with -9 while traffic flows; the group moves its
+    partitions to the other, which restores their checkpoints and journals.
+
+    The reference is an *independent computation from the raw table* (not a
+    separate embedded run): per metric, 10 s window and dimension value, the
+    serving store's windows merged over shards must equal count() and
+    uniqExact(distinct_id) over the raw events (late events are still folded
+    into their held windows, so every event counts). Every final window that
+    was not revised later must be in `window_results` with the same count
+    and id, once. The lake must hold exactly the acknowledged event_ids.
+    """
+    import pyarrow.parquet as pq
+
+    from strata.processor.engine import decode_snapshot, window_result_id
+
+    lake = tmp_path / "lake"
+    config = tmp_path / "strata.toml"
+    config.write_text(
+        f"""
+[log]
+backend = "kafka"
+partitions = 4
+kafka_bootstrap_servers = "{broker}"
+kafka_session_timeout_ms = 6000
+
+[server]
+host = "127.0.0.1"
+
+[serving]
+backend = "redis"
+redis_url = "{redis_url}"
+redis_prefix = "dist:"
+
+[processor]
+embedded = false
+state_dir = "{tmp_path / "processor-state"}"
+checkpoint_interval = "1s"
+
+[lake]
+path = "{lake}"
+roll_interval = "1s"
+
+[query]
+sql_max_rows = 1000000
+{METRICS_TOML}
+"""
+    )
+    api = Role(tmp_path, "query-api", ["query-api"], config).start("/readyz")
+    roles = [api]
+    try:
+        ingest = [
+            Role(tmp_path, f"ingest-{i}", ["ingest", "--workers", "1"], config).start()
+            for i in range(2)
+        ]
+        roles += ingest
+        archive = Role(tmp_path, "archive", ["archive"], config, http=False)
+        roles.append(archive.start(ready_line="strata archive is running"))
+        processors = []
+        for i in range(2):
+            member = Role(tmp_path, f"process-{i}", ["process", "--group"], config, http=False)
+            roles.append(member)
+            processors.append(member.start(ready_line="joined consumer group"))
+        # The group splits the 4 partitions between the two members.
+        wait_for(
+            "the group to split the partitions",
+            lambda: (
+                all(owned(p) for p in processors)
+                and sorted(sum((owned(p) or [] for p in processors), [])) == [0, 1, 2, 3]
+            ),
+        )
+        victim, survivor = processors
+        victim_shards = {f"p{p}" for p in owned(victim) or []}
+
+        def traffic(seed: int, out: list[GeneratorStats]) -> list[threading.Thread]:
+            threads = [
+                threading.Thread(target=send, args=(node.url, 2_500, seed + i, out))
+                for i, node in enumerate(ingest)
+            ]
+            for thread in threads:
+                thread.start()
+            return threads
+
+        # Traffic before the kill (the victim has state and a journal for its
+        # partitions), then more while it is dead and the group rebalances.
+        stats: list[GeneratorStats] = []
+        before = traffic(10, stats)
+        wait_for(
+            "the victim to serve windows",
+            lambda: any(s.shard in victim_shards for s in served_windows(redis_url)[1]),
+        )
+        victim.kill9()
+        after = traffic(20, stats)
+        wait_for("the survivor to own every partition", lambda: owned(survivor) == [0, 1, 2, 3])
+        # The survivor took over the victim's partitions from their checkpoints
+        # (and re-executed their journals), not from the start of the log.
+        restored = survivor.log_path.read_text(errors="replace")
+        for shard in victim_shards:
+            assert f"processor {shard}: restored checkpoint" in restored, restored[-3000:]
+        for sender in before + after:
+            sender.join(300)
+        assert len(stats) == 4 and all(s.errors == 0 for s in stats), stats
+        acknowledged = set().union(*(s.acknowledged_ids for s in stats))
+        assert len(acknowledged) == 10_000 - sum(s.rejected for s in stats)
+
+        # Raw counts: exactly the acknowledged ids.
+        wait_for(
+            "the loader",
+            lambda: sql(api, "SELECT count() FROM events")[0][0] >= len(acknowledged),
+        )
+        time.sleep(2)  # anything extra (a duplicate) would arrive by now
+        stored = sql(api, "SELECT event_id FROM events")
+        assert len(stored) == len(acknowledged)
+        assert {row[0] for row in stored} == acknowledged
+
+        # Windowed metrics: the serving store, merged over the partitions'
+        # shards, equals a computation over the very log records the loader
+        # read (the whole log once it is caught up).
+        def caught_up() -> bool:
+            return served_windows(redis_url)[0] == reference_windows(
+                log_records(config, loader_offsets(api))
+            )
+
+        wait_for("the processors to catch up", caught_up, timeout_s=120)
+        survivor.stop()  # graceful: flushes and checkpoints every partition
+        checkpoints = {}
+        for partition in range(4):
+            path = tmp_path / "processor-state" / f"p{partition}" / "checkpoint.msgpack"
+            checkpoints.update(decode_snapshot(path.read_bytes())["offsets"])
+        read = {int(p): int(o) for p, o in checkpoints.items()}
+        assert read == loader_offsets(api)  # processors and loader read the same records
+        records = log_records(config, read)
+        assert {r["event_id"] for r in records} == acknowledged
+        served, states = served_windows(redis_url)
+        expected = reference_windows(records)
+        assert served == expected, differences(served, expected)
+        assert {s.shard for s in states} == {"p0", "p1", "p2", "p3"}
+        # Client retries are in the log twice: the raw table keeps one copy
+        # (loader dedup), the live windows count both (docs/deploy.md).
+        retries = len(records) - len(acknowledged)
+        served_total = sum(c for (m, _, _), (c, _) in served.items() if m == "events_by_type")
+        assert served_total == len(stored) + retries
+
+        # Window results: every final, unrevised window once, same count.
+        finals = {
+            window_result_id(s.metric, s.shard, s.window_start, s.dims): s.count
+            for s in states
+            if s.final and s.revision == 0
+        }
+        assert finals, "no window became final during the run"
+
+        def results() -> dict[str, int] | None:
+            rows = sql(api, "SELECT id, event_count FROM window_results")
+            loaded = {row[0]: int(row[1]) for row in rows}
+            if len(rows) != len(loaded):
+                return {"duplicate ids": -1}
+            return loaded if set(finals) <= set(loaded) else None
+
+        loaded = wait_for("window_results to load", results)
+        assert {i: loaded[i] for i in finals} == finals
+        for state in states:  # rows beyond finals are finals later revised by late events
+            key = window_result_id(state.metric, state.shard, state.window_start, state.dims)
+            if key in loaded and key not in finals:
+                assert state.final and state.revision > 0
+
+        # The lake: exactly the acknowledged ids, once each.
+        def lake_ids() -> list[str] | None:
+            files = sorted(lake.rglob("*.parquet"))
+            ids = [
+                i
+                for f in files
+                for i in pq.read_table(f, columns=["event_id"])["event_id"].to_pylist()
+            ]
+            return ids if len(set(ids)) >= len(acknowledged) else None
+
+        ids = wait_for("the archiver", lake_ids)
+        archive.stop()
+        ids = lake_ids() or []
+        assert len(ids) == len(acknowledged)
+        assert set(ids) == acknowledged
     finally:
         for role in roles:
             role.stop()

@@ -123,6 +123,12 @@ class ProcessorConfig(_Section):
     # Run the processor inside `strata serve` (a thread of the core process).
     # Set false when separate `strata process` workers own the partitions.
     embedded: bool = True
+    # Consumer-group mode (`strata process --group`, the default on Kafka
+    # without --partitions): the directory holding one checkpoint + journal
+    # per log partition. Every processor of the group must reach the same
+    # directory (a shared volume), because a rebalance moves partitions with
+    # their state. Empty: <data_dir>/processor/partitions.
+    state_dir: str = ""
 
 
 class ServingConfig(_Section):

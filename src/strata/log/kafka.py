@@ -179,9 +179,23 @@ class KafkaConsumer(Consumer):
             raise LogError(f"kafka assign {self._topic}: {exc}") from exc
 
     def subscribe(
-        self, on_assign: OnAssign | None = None, on_revoke: OnRevoke | None = None
+        self,
+        on_assign: OnAssign | None = None,
+        on_revoke: OnRevoke | None = None,
+        *,
+        on_lost: OnRevoke | None = None,
+        fetch: bool = True,
     ) -> None:
-        """Join the group and receive partitions from it (see the class docstring)."""
+        """Join the group and receive partitions from it (see the class docstring).
+
+        ``on_lost`` (default: ``on_revoke``) is called instead of ``on_revoke``
+        when the session was lost, i.e. another member may already own the
+        partitions, so the caller must not write anything for them any more.
+        ``fetch=False`` makes this consumer a group *member* only: assigned
+        partitions are paused, so polling it just serves the group protocol
+        (heartbeats, rebalance callbacks) and returns no records; the caller
+        reads the partitions through other, statically assigned consumers.
+        """
         if self._positions and not self._subscribed:
             raise LogError("subscribe: this consumer already has a static assignment")
         self._subscribed = True
@@ -193,23 +207,36 @@ class KafkaConsumer(Consumer):
                 chosen = on_assign(numbers) or {}
                 starts.update({p: o for p, o in chosen.items() if p in starts})
             self._positions.update(starts)
-            consumer.assign([TopicPartition(self._topic, p, starts[p]) for p in numbers])
+            chosen_tps = [TopicPartition(self._topic, p, starts[p]) for p in numbers]
+            consumer.assign(chosen_tps)
+            if not fetch and chosen_tps:
+                consumer.pause(chosen_tps)
             logger.info("kafka %s/%s: assigned %s", self._group, self._topic, numbers)
 
-        def revoked(consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
+        def release(
+            callback: OnRevoke | None,
+            consumer: confluent_kafka.Consumer,
+            partitions: list[TopicPartition],
+        ) -> None:
             numbers = sorted(tp.partition for tp in partitions)
             try:
-                if on_revoke is not None and numbers:
-                    on_revoke(numbers)
+                if callback is not None and numbers:
+                    callback(numbers)
             finally:
                 for partition in numbers:
                     self._positions.pop(partition, None)
                 consumer.unassign()
                 logger.info("kafka %s/%s: revoked %s", self._group, self._topic, numbers)
 
+        def revoked(consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
+            release(on_revoke, consumer, partitions)
+
+        def lost(consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
+            release(on_lost if on_lost is not None else on_revoke, consumer, partitions)
+
         try:
             self._consumer.subscribe(
-                [self._topic], on_assign=assigned, on_revoke=revoked, on_lost=revoked
+                [self._topic], on_assign=assigned, on_revoke=revoked, on_lost=lost
             )
         except KafkaException as exc:
             raise LogError(f"kafka subscribe {self._topic}: {exc}") from exc

@@ -1,5 +1,13 @@
 """``python -m strata.processor`` = ``strata process``: run the processor
-alone, writing live windows to the Redis serving store."""
+alone, writing live windows to the Redis serving store.
+
+Two ways to split the partitions of ``events`` between processes:
+
+* ``--partitions 0,1``: a static shard (any log backend);
+* ``--group`` (the default when ``log.backend = "kafka"`` and no partitions
+  are given): join the ``processor`` consumer group; rebalances move
+  partitions with their state (``strata.processor.group``, decision 044).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import Any
 
 from strata.config import ConfigError, load_config
 
@@ -28,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="data directory (default ./strata-data)")
     parser.add_argument(
         "--partitions", help="comma-separated partitions of topic 'events' (default: all)"
+    )
+    parser.add_argument(
+        "--group",
+        action="store_true",
+        help="share the partitions with the other processors of the consumer group (Kafka); "
+        "the default on Kafka when no partitions are given",
     )
 
 
@@ -54,8 +69,23 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    group = args.group or (
+        config.log.backend == "kafka" and not partitions and not config.processor.partitions
+    )
+    if group and partitions:
+        print("strata: --group and --partitions exclude each other", file=sys.stderr)
+        return 2
+    if group and config.log.backend != "kafka":
+        print(
+            f"strata: --group: log.backend = {config.log.backend!r} has no consumer groups; "
+            "use log.backend = 'kafka' or static --partitions",
+            file=sys.stderr,
+        )
+        return 2
     log_ = open_log(config)
     serving = open_serving(config)
+    if group:
+        return _run_group(config, log_, serving, stop)
     try:
         processor = Processor(config, log_, serving, partitions=partitions)
     except ConfigError as exc:
@@ -66,6 +96,24 @@ def run(args: argparse.Namespace) -> int:
         processor.run(stop)
     finally:
         processor.close()
+        serving.close()
+        log_.close()
+    return 0
+
+
+def _run_group(config: Any, log_: Any, serving: Any, stop: threading.Event) -> int:
+    from strata.processor.group import GroupProcessor
+
+    def announce(partitions: list[int]) -> None:
+        # One stdout line per assignment change: operators (and the tests) see the moves.
+        print(f"strata process: owns partitions {partitions}", flush=True)
+
+    member = GroupProcessor(config, log_, serving, on_change=announce)
+    print(f"strata process: joined consumer group {member.GROUP!r}", flush=True)
+    try:
+        member.run(stop)
+    finally:
+        member.close()
         serving.close()
         log_.close()
     return 0

@@ -178,6 +178,12 @@ class Processor:
             self.engine.restore(checkpoint["engine"])
             self.seq = int(checkpoint["seq"])
             self.offsets = {int(p): int(o) for p, o in checkpoint["offsets"].items()}
+            log.info(
+                "processor %s: restored checkpoint seq %d at offsets %s",
+                self.shard,
+                self.seq,
+                self.offsets,
+            )
         else:
             # A fresh start is checkpointed at once, so its clock (idle
             # partitions) is fixed before anything else happens.

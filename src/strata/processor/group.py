@@ -1,0 +1,175 @@
+"""Consumer-group processors: N ``strata process`` processes share the
+partitions of ``events`` through a Kafka consumer group (decision 044).
+
+The unit of state is one log partition. For every partition it owns, a
+``GroupProcessor`` runs one single-partition ``Processor`` (engine +
+checkpoint + journal, exactly as in the static shape) whose files live in
+``<state_dir>/p<N>/``, a directory every member of the group can reach.
+A rebalance therefore moves a partition together with its window state and
+its checkpoint:
+
+* ``on_revoke`` (graceful: a member joined, left or is stopping): the
+  partition's processor writes its changed windows and a checkpoint, then
+  closes. The next owner starts from exactly that state.
+* a member killed with -9 writes nothing more; its session times out, the
+  group moves its partitions, and the new owner restores the last
+  checkpoint and re-executes the journal, the same crash recovery as a
+  restarted static processor (same outputs, same ids, same serving states).
+* ``on_lost`` (this member was too slow and the group moved on): close
+  without writing, because the new owner may already be using the files.
+
+The group member is a separate Kafka consumer that only holds the
+membership (``subscribe(fetch=False)``: its partitions are paused); the
+single-partition processors read through their own statically assigned
+consumers, as in the static shape, so the runner's deterministic reading and
+journal replay are unchanged. Rebalance callbacks run inside the member's
+poll, on the same thread as the processing cycles, so a partition is never
+processed while it moves.
+
+Shards are named per partition (``p3``), so the serving store, the
+``window_results`` ids and the progress entries do not depend on which
+member owns a partition.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from strata.config import Config, ConfigError
+from strata.log.base import Log
+from strata.processor.runner import Processor
+from strata.serving.base import ServingStore
+
+log = logging.getLogger("strata.processor")
+
+
+def state_directory(config: Config) -> Path:
+    """Where the per-partition checkpoints and journals of the group live."""
+    if config.processor.state_dir:
+        return Path(config.processor.state_dir)
+    return config.data_path / "processor" / "partitions"
+
+
+class GroupProcessor:
+    """One member of the processor consumer group. ``run(stop_event)`` until
+    stopped; on stop every owned partition is checkpointed and released."""
+
+    GROUP = "processor"
+
+    def __init__(
+        self,
+        config: Config,
+        log_: Log,
+        serving: ServingStore,
+        *,
+        state_dir: Path | None = None,
+        on_revised: Callable[[int, int], None] | None = None,
+        on_change: Callable[[list[int]], None] | None = None,
+    ) -> None:
+        """``on_change(partitions)`` is called after every assignment change
+        with the partitions this member now owns (logging, tests)."""
+        self.config = config
+        self.log = log_
+        self.serving = serving
+        self.on_revised = on_revised
+        self.on_change = on_change
+        self.state_dir = state_dir or state_directory(config)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.member = log_.consumer(self.GROUP, "events")
+        if not hasattr(self.member, "subscribe"):
+            self.member.close()
+            raise ConfigError(
+                f"strata process --group: log.backend = {config.log.backend!r} has no "
+                "consumer groups; use log.backend = 'kafka' or static --partitions"
+            )
+        self.processors: dict[int, Processor] = {}
+        self.errors = 0
+        self.last_error = ""
+
+    # -- rebalance callbacks (run inside the member's poll) ----------------------------------
+    def _assigned(self, partitions: list[int]) -> dict[int, int]:
+        for partition in partitions:
+            if partition not in self.processors:
+                self.processors[partition] = Processor(
+                    self.config,
+                    self.log,
+                    self.serving,
+                    partitions=[partition],
+                    directory=self.state_dir / f"p{partition}",
+                    on_revised=self.on_revised,
+                )
+        self._changed()
+        return {}  # the member does not read; the processors start from their checkpoints
+
+    def _revoked(self, partitions: list[int]) -> None:
+        self._release(partitions, flush=True)
+
+    def _lost(self, partitions: list[int]) -> None:
+        self._release(partitions, flush=False)
+
+    def _release(self, partitions: Sequence[int], *, flush: bool) -> None:
+        for partition in partitions:
+            processor = self.processors.pop(partition, None)
+            if processor is None:
+                continue
+            try:
+                if flush:
+                    processor.flush()
+            finally:
+                processor.close()
+        self._changed()
+
+    def _changed(self) -> None:
+        owned = sorted(self.processors)
+        log.info("processor group: this member owns partitions %s", owned)
+        if self.on_change is not None:
+            self.on_change(owned)
+
+    # -- running -------------------------------------------------------------------------------
+    def run_once(self, wait_s: float = 0.1) -> int:
+        """One cycle of every owned partition, then serve the group protocol
+        (waiting up to ``wait_s`` when nothing was consumed). Returns records
+        consumed."""
+        consumed = 0
+        for partition, processor in list(self.processors.items()):
+            try:
+                consumed += processor.run_once(wait_s=0.0)
+            except Exception as exc:  # keep the other partitions going; surfaced in status()
+                self.errors += 1
+                self.last_error = f"partition {partition}: {exc}"[:500]
+                log.exception("processor p%d: cycle failed; recovering from checkpoint", partition)
+                try:
+                    processor._recover()
+                except Exception:
+                    log.exception("processor p%d: recovery failed", partition)
+        # Paused partitions: this returns no records, only runs heartbeats and callbacks.
+        self.member.poll_batches(1, timeout_s=0.0 if consumed else wait_s)
+        return consumed
+
+    def run(self, stop_event: threading.Event) -> None:
+        """Join the group and process until ``stop_event``; then checkpoint
+        every owned partition and leave the group."""
+        self.member.subscribe(  # type: ignore[attr-defined]
+            self._assigned, self._revoked, on_lost=self._lost, fetch=False
+        )
+        try:
+            while not stop_event.is_set():
+                self.run_once()
+        finally:
+            self._release(list(self.processors), flush=True)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "partitions": sorted(self.processors),
+            "shards": {p: proc.status() for p, proc in sorted(self.processors.items())},
+            "errors": self.errors,
+            "last_error": self.last_error or None,
+        }
+
+    def close(self) -> None:
+        self._release(list(self.processors), flush=True)
+        self.member.close()
