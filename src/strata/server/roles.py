@@ -370,9 +370,7 @@ def add_role_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None
         "archive", help="distributed shape: run the lake archiver alone (log -> Parquet lake)"
     )
     common(p)
-    p.add_argument(
-        "--drain", action="store_true", help="archive what the log holds now, then exit"
-    )
+    p.add_argument("--drain", action="store_true", help="archive what the log holds now, then exit")
     p.set_defaults(func=run_archive)
 
 
