@@ -392,15 +392,19 @@ class BatchJob:
         late, _ = self.store.query_rows(self._render("late_events", metric, "1d"), params)[1][0]
         for granularity in granularities:
             stage = f"lake_stage_{metric.name}_{granularity}"
-            has_rows = int(
-                self.store.scalar(f"SELECT count() FROM {stage}")  # stage holds only day D
-            )
-            name = "replace_partition" if has_rows else "drop_partition"
-            self.store.command(
-                SQL[name].format(
-                    table=metric.rollup_table(granularity), stage=stage, partition_id=partition_id
+            table = metric.rollup_table(granularity)
+            target = partition_id
+            if self._monthly(table):
+                # The caller holds the store lock: no view inserts into the
+                # month between this copy and the replace.
+                target = day.strftime("%Y%m")
+                self._insert_select(
+                    SQL["stage_month_rest"].format(table=table, stage=stage),
+                    {"day": day, "month_id": int(target)},
                 )
-            )
+            has_rows = int(self.store.scalar(f"SELECT count() FROM {stage}"))
+            name = "replace_partition" if has_rows else "drop_partition"
+            self.store.command(SQL[name].format(table=table, stage=stage, partition_id=target))
             self.store.command(SQL["truncate"].format(table=stage))
         return [
             ReconciliationRow(
@@ -418,6 +422,12 @@ class BatchJob:
             )
             for i, a in enumerate(metric.aggregations)
         ]
+
+    def _monthly(self, table: str) -> bool:
+        """Whether ``table`` is partitioned by month (daily rollups since
+        decision 080; data directories created before keep day partitions)."""
+        key = str(self.store.scalar(SQL["partition_key"].format(), {"table": table}) or "")
+        return key.replace(" ", "").startswith("toYYYYMM(")
 
     def _insert_select(self, sql: str, params: dict[str, Any]) -> None:
         # The staging tables inherit non_replicated_deduplication_window from

@@ -15,9 +15,10 @@ from strata.metrics import Metric
 GRANULARITIES = {
     # name: (bucket expression over ts, partition key, seconds per bucket)
     "5m": ("toDateTime(toStartOfFiveMinutes(ts), 'UTC')", "toYYYYMMDD(window_start)", 300),
-    # Daily rollups are partitioned by day too, so the batch job can replace
-    # one day atomically (docs/decisions/030-daily-rollup-partitions.md).
-    "1d": ("toDateTime(toStartOfDay(ts), 'UTC')", "toYYYYMMDD(window_start)", 86_400),
+    # Daily rollups are partitioned by month: a year is 12 parts, not 365
+    # (a DAU query over a year opened one part per day; decision 080). The
+    # batch job rebuilds the month in staging to replace one day.
+    "1d": ("toDateTime(toStartOfDay(ts), 'UTC')", "toYYYYMM(window_start)", 86_400),
 }
 
 

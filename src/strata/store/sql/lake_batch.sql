@@ -50,6 +50,17 @@ SELECT
 FROM lake_batch_events AS events
 WHERE ({filter}) AND toDate(events.ts) = {{day:Date}};
 
+-- name: stage_month_rest
+-- Month-partitioned rollups (the daily ones, decision 080): the other days of
+-- the day's month, copied beside the recomputed day, so replacing the month
+-- partition changes only the day.
+INSERT INTO {stage}
+SELECT * FROM {table}
+WHERE toYYYYMM(window_start) = {{month_id:UInt32}} AND toDate(window_start) != {{day:Date}};
+
+-- name: partition_key
+SELECT partition_key FROM system.tables WHERE database = currentDatabase() AND name = {{table:String}};
+
 -- name: replace_partition
 ALTER TABLE {table} REPLACE PARTITION ID '{partition_id}' FROM {stage};
 
