@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # Order: cheap, self-contained parts first.
-PARTS = ["log", "stream", "schemas", "ingest", "loader", "freshness", "backfill", "query"]
+PARTS = ["log", "stream", "schemas", "ingest", "loader", "freshness", "backfill", "rollup_parts",
+         "query"]
 
 # Arguments that make each part finish in a few seconds (smoke test, `--tiny`).
 TINY: dict[str, list[str]] = {
@@ -36,6 +37,7 @@ TINY: dict[str, list[str]] = {
     "loader": ["--events", "20000", "--runs", "1"],
     "freshness": ["--rate", "500", "--seconds", "3", "--memory-seconds", "0"],
     "backfill": ["--events", "20000", "--days", "2"],
+    "rollup_parts": ["--events", "20000", "--days", "40", "--runs", "2"],
     "query": ["--events", "20000", "--days", "3", "--runs", "2", "--raw-runs", "1"],
 }
 

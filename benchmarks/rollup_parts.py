@@ -78,20 +78,26 @@ def main(argv: list[str] | None = None) -> None:
 
         rows = []
         load = [Path("/proc/loadavg").read_text().split()[0]]
-        rows.append(("day partitions, as loaded", parts(table), *measure(table)))
-        store.command(f"OPTIMIZE TABLE {table} FINAL")
-        rows.append(("day partitions, after OPTIMIZE FINAL", parts(table), *measure(table)))
-        for label, name, partition in (("month partitions (copy), after OPTIMIZE FINAL", "exp_month",
-                                        "toYYYYMM(window_start)"),
-                                       ("one partition (copy), after OPTIMIZE FINAL", "exp_none", "tuple()")):
-            store.command(f"CREATE TABLE {name} AS {table} ENGINE = AggregatingMergeTree "
+        copies = {"day": "toYYYYMMDD(window_start)", "none": "tuple()"}
+        for kind, partition in copies.items():
+            store.command(f"CREATE TABLE exp_{kind} AS {table} ENGINE = AggregatingMergeTree "
                           f"PARTITION BY {partition} ORDER BY window_start")
-            store.command(f"INSERT INTO {name} SELECT * FROM {table}")
+            store.command(f"INSERT INTO exp_{kind} SELECT * FROM {table}")
+        # The live table as the loader's views wrote it (month partitions since
+        # decision 080), then a day-partitioned copy (decision 030) and an
+        # unpartitioned one; every table after OPTIMIZE FINAL too.
+        rows.append(("month partitions (live table, decision 080), as loaded", parts(table),
+                     *measure(table)))
+        rows.append(("day partitions (copy, decision 030), as inserted", parts("exp_day"),
+                     *measure("exp_day")))
+        for label, name in (("month partitions (live table), after OPTIMIZE FINAL", table),
+                            ("day partitions (copy), after OPTIMIZE FINAL", "exp_day"),
+                            ("one partition (copy), after OPTIMIZE FINAL", "exp_none")):
             store.command(f"OPTIMIZE TABLE {name} FINAL")
             rows.append((label, parts(name), *measure(name)))
         state_bytes = store.scalar(
-            "SELECT sum(data_uncompressed_bytes) FROM system.columns WHERE database = currentDatabase() "
-            "AND table = {t:String} AND name = 'users'", {"t": table})
+            "SELECT sum(bytes_on_disk) FROM system.parts WHERE database = currentDatabase() "
+            "AND table = {t:String} AND active", {"t": table})
         raw_sql = ("SELECT toDate(ts) AS day, uniq(distinct_id) FROM events WHERE ts >= "
                    "fromUnixTimestamp64Milli({a:Int64}) AND ts < fromUnixTimestamp64Milli({b:Int64}) "
                    "GROUP BY day ORDER BY day")
@@ -106,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             f"`python -m benchmarks.rollup_parts --events {args.events} --days {args.days} --runs "
             f"{args.runs}`: {args.events:,} events, {users:,} users over {args.days} days; DAU for the "
             "whole range as `uniqCombinedMerge(users)` grouped by day, straight on chDB (no API), "
-            f"ms, median (min–max) of {args.runs} runs. `users` state column: "
-            f"{int(state_bytes or 0) / 2**20:,.1f} MiB uncompressed. Load average (1 min) before / "
+            f"ms, median (min–max) of {args.runs} runs; live table "
+            f"{int(state_bytes or 0) / 2**10:,.0f} KiB on disk. Load average (1 min) before / "
             f"after: {load[0]} / {load[1]}.",
             "",
             "| rollup_active_users_1d | active parts | wall ms | CPU ms (this process) |",
