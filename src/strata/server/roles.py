@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from strata.config import Config, ConfigError, load_config
+from strata.server.http import BoundedHttpToolsProtocol
 
 log = logging.getLogger("strata.roles")
 
@@ -231,6 +232,7 @@ def ingest_worker_main(argv: list[str]) -> None:
             ingest_app(service, metrics_dir),
             log_level="warning",
             access_log=False,
+            http=BoundedHttpToolsProtocol,  # bounded request head (strata.server.http)
             timeout_keep_alive=30,
             limit_concurrency=2000,
             h11_max_incomplete_event_size=64 * 1024,
@@ -286,6 +288,8 @@ def run_query_api(args: argparse.Namespace) -> int:
             build_app(pipeline),  # its lifespan stops the pipeline (drains the loaders)
             log_level="warning",
             access_log=False,
+            http=BoundedHttpToolsProtocol,
+            limit_concurrency=2000,
             timeout_graceful_shutdown=10,
         )
     )

@@ -27,6 +27,7 @@ from strata.ingest.app import IngestService, ingest_routes
 from strata.ingest.committer import GroupCommitter
 from strata.log import open_log
 from strata.logs import setup_logging
+from strata.server.http import BoundedHttpToolsProtocol
 from strata.server.process import core_socket, die_with_parent, read_resolved_config, run_dir
 from strata.telemetry import REGISTRY
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             log_level="warning",
             access_log=False,
             loop="auto",
-            http="auto",
+            http=BoundedHttpToolsProtocol,  # bounded request head (strata.server.http)
             timeout_keep_alive=30,
             limit_concurrency=2000,
             h11_max_incomplete_event_size=64 * 1024,
