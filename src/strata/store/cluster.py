@@ -66,6 +66,9 @@ def cluster_statements(
         if table is not None:
             name = table.group(1)
             local = f"{name}_local"
+            # `CREATE TABLE t AS other` copies the columns of the local table.
+            for source in tables:
+                statement = re.sub(rf"\bAS {source}\b", f"AS {source}_local", statement)
             engine = (
                 r"ENGINE = Replicated\1"
                 f"('/clickhouse/tables/{{shard}}/{database}/{local}', '{{replica}}')"
