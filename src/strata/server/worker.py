@@ -61,14 +61,19 @@ class CoreProxy:
     async def forward(self, request: Request) -> Response:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         headers.append(("x-forwarded-for", request.client.host if request.client else ""))
+        # The raw (still percent-encoded) path: the decoded one may hold
+        # characters no URL can carry (a %0B in a path parameter).
+        path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
         try:
             upstream = await self.client.request(
                 request.method,
-                request.url.path,
+                path,
                 params=request.url.query,
                 headers=headers,
                 content=await request.body(),
             )
+        except httpx.InvalidURL as exc:
+            return JSONResponse({"error": f"path: {exc}"}, status_code=400)
         except httpx.HTTPError as exc:
             log.warning("core unreachable: %s", exc)
             return JSONResponse(
