@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         for kind, partition in copies.items():
             store.command(f"CREATE TABLE exp_{kind} AS {table} ENGINE = AggregatingMergeTree "
                           f"PARTITION BY {partition} ORDER BY window_start")
-            store.command(f"INSERT INTO exp_{kind} SELECT * FROM {table}")
+            store.command(f"INSERT INTO exp_{kind} SELECT * FROM {table} "
+                          "SETTINGS max_partitions_per_insert_block = 10000")
         # The live table as the loader's views wrote it (month partitions since
         # decision 080), then a day-partitioned copy (decision 030) and an
         # unpartitioned one; every table after OPTIMIZE FINAL too.
