@@ -396,8 +396,12 @@ def wait_caught_up(serve: Serve, timeout: float = 600) -> None:
 
 def run_chaos(data_dir: Path, *, minutes: float, rate: float = 300, fault_every: float = 8.0,
               pause_s: float = 2.0, seed: int = 1, workers: int = 2,
-              faults: list[str] | None = None, progress: bool = True) -> Report:
-    """Run the soak on a fresh ``data_dir``; returns the audited report."""
+              faults: list[str] | None = None, rounds: int | None = None,
+              progress: bool = True) -> Report:
+    """Run the soak on a fresh ``data_dir``; returns the audited report.
+
+    ``rounds``: stop after every fault was injected this many times (then
+    ``minutes`` is only an upper bound), instead of when ``minutes`` end."""
     rng = random.Random(seed)
     schedule = list(faults or FAULTS)
     report = Report(minutes=minutes, rate=rate)
@@ -413,6 +417,8 @@ def run_chaos(data_dir: Path, *, minutes: float, rate: float = 300, fault_every:
     index = 0
     try:
         while time.monotonic() < end:
+            if rounds is not None and index >= rounds * len(schedule):
+                break
             time.sleep(min(fault_every, max(0.0, end - time.monotonic())))
             if time.monotonic() >= end:
                 break

@@ -11,8 +11,8 @@ from benchmarks.chaos import FAULTS, run_chaos
 
 
 def test_no_acknowledged_event_is_lost_or_duplicated_under_faults(tmp_path: Path) -> None:
-    report = run_chaos(tmp_path / "data", minutes=0.4, rate=150, fault_every=3.0, pause_s=1.0,
-                       progress=False)
+    report = run_chaos(tmp_path / "data", minutes=3, rounds=1, rate=150, fault_every=2.5,
+                       pause_s=1.0, progress=False)
     print(report.text())
     assert set(report.faults) == set(FAULTS), report.text()
     assert report.events_acknowledged > 0
