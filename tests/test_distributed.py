@@ -497,6 +497,7 @@ sql_max_rows = 1000000
 
         wait_for("the processors to catch up", caught_up, timeout_s=120)
         survivor.stop()  # graceful: flushes and checkpoints every partition
+        assert survivor.process is not None and survivor.process.returncode == 0
         checkpoints = {}
         for partition in range(4):
             path = tmp_path / "processor-state" / f"p{partition}" / "checkpoint.msgpack"
@@ -548,10 +549,32 @@ sql_max_rows = 1000000
             return ids if len(set(ids)) >= len(acknowledged) else None
 
         ids = wait_for("the archiver", lake_ids)
-        archive.stop()
+        archive.stop()  # drains what the log holds, then exits 0
+        assert archive.process is not None and archive.process.returncode == 0
         ids = lake_ids() or []
         assert len(ids) == len(acknowledged)
         assert set(ids) == acknowledged
     finally:
         for role in roles:
             role.stop()
+
+
+def test_process_group_needs_kafka_and_archive_reports_bad_config(tmp_path: Path) -> None:
+    """CLI errors: `--group` on the embedded log, `--group` with `--partitions`,
+    and `strata archive` with a missing config file all exit 2 with a message."""
+    config = tmp_path / "strata.toml"
+    config.write_text('[serving]\nbackend = "redis"\nredis_url = "redis://127.0.0.1:1/0"\n')
+    base = [sys.executable, "-m", "strata.cli"]
+    data = ["--data-dir", str(tmp_path / "data")]
+    cases = [
+        (["process", "--group", "--config", str(config), *data], "no consumer groups"),
+        (
+            ["process", "--group", "--partitions", "0", "--config", str(config), *data],
+            "exclude each other",
+        ),
+        (["archive", "--config", str(tmp_path / "missing.toml"), *data], "missing.toml"),
+    ]
+    for argv, message in cases:
+        done = subprocess.run([*base, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (argv, done.stdout, done.stderr)
+        assert message in done.stderr, (argv, done.stderr)
