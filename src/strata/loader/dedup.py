@@ -50,6 +50,7 @@ class DedupIndex:
         directory.mkdir(parents=True, exist_ok=True)
         self._chunks: dict[int, list[_Chunk]] = {}
         self._lengths: dict[str, int] = {}
+        self._unsynced: set[Path] = set()
 
     # -- persistence -------------------------------------------------------
     def load(self, lengths: dict[str, int]) -> None:
@@ -72,6 +73,19 @@ class DedupIndex:
     def lengths(self) -> dict[str, int]:
         return dict(self._lengths)
 
+    def sync(self) -> None:
+        """fsync every file written with ``add(..., sync=False)``."""
+        for path in self._unsynced:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # expired meanwhile
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._unsynced.clear()
+
     # -- lookups -----------------------------------------------------------
     def first_unseen(self, partition: int, hashes: np.ndarray) -> np.ndarray:
         """Boolean mask: True where the hash is neither in the index nor
@@ -88,8 +102,12 @@ class DedupIndex:
             keep &= values[position] != hashes
         return keep
 
-    def add(self, partition: int, hashes: np.ndarray, received_at_ms: np.ndarray) -> None:
-        """Record ``hashes`` durably (fsync) and in memory."""
+    def add(
+        self, partition: int, hashes: np.ndarray, received_at_ms: np.ndarray, *, sync: bool = True
+    ) -> None:
+        """Record ``hashes`` in memory and on disk. With ``sync`` the files
+        are fsynced now; else ``sync()`` must run before the lengths are
+        checkpointed (the processor batches many cycles into one checkpoint)."""
         if len(hashes) == 0:
             return
         hours = received_at_ms // HOUR_MS
@@ -100,7 +118,10 @@ class DedupIndex:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 os.write(fd, selected.tobytes())
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
+                else:
+                    self._unsynced.add(path)
             finally:
                 os.close(fd)
             self._lengths[name] = self._lengths.get(name, 0) + selected.nbytes

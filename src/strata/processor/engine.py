@@ -203,13 +203,24 @@ class WindowEngine:
         step = Step()
         if not runs:
             return step
-        table = runs[0][1] if len(runs) == 1 else pa.concat_tables([r[1] for r in runs])
-        n = table.num_rows
         sizes = [r[1].num_rows for r in runs]
         partition_of = np.repeat(np.array([r[0] for r in runs], dtype=np.int64), sizes)
+        # A run whose records were filtered (retries, deleted users) carries
+        # its log offsets in an ``_offset`` column; else they are consecutive.
         offset_of = np.concatenate(
-            [np.arange(r[2], r[2] + r[1].num_rows, dtype=np.int64) for r in runs]
+            [
+                r[1].column("_offset").to_numpy().astype(np.int64)
+                if "_offset" in r[1].column_names
+                else np.arange(r[2], r[2] + r[1].num_rows, dtype=np.int64)
+                for r in runs
+            ]
         )
+        tables = [
+            r[1].drop_columns(["_offset"]) if "_offset" in r[1].column_names else r[1]
+            for r in runs
+        ]
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        n = table.num_rows
         for partition, _, _ in runs:
             self.last_active[partition] = now_ms
         ts = table.column("ts").to_numpy()

@@ -40,13 +40,16 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 
 from strata.config import Config, ConfigError, parse_duration_ms
 from strata.durable import atomic_write_bytes
 from strata.events import now_ms
+from strata.loader.dedup import DedupIndex, hash_ids
 from strata.loader.sinks import EVENTS_SINK, Sink
 from strata.log.base import Consumer, Log, OffsetOutOfRange, RecordBatch
+from strata.masking import DeletedUsers
 from strata.metrics import Metric, compile_metrics
 from strata.processor.engine import (
     LateEvent,
@@ -78,7 +81,8 @@ def input_decoder(metrics: Sequence[Metric]) -> Sink:
     fast, and JSON decoding bounds the processor's throughput."""
     from sqlglot import exp
 
-    needed = {"event_id", "event_type", "distinct_id", "ts", "received_at"}
+    # event_id: retry dedup; user_id/distinct_id/received_at: deleted users.
+    needed = {"event_id", "event_type", "user_id", "distinct_id", "ts", "received_at"}
     for metric in metrics:
         needed.update(metric.dimensions)
         needed.update(a.column for a in metric.aggregations if a.column)
@@ -125,6 +129,13 @@ class Processor:
         self.shard = shard_name(self.partitions, total)
         self.directory = directory or config.data_path / "processor" / self.shard
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Client retries (the same event_id at a later offset) count once,
+        # as in the raw table: the loader's dedup rule and horizon, with the
+        # index's file lengths in this processor's checkpoint.
+        self.dedup = DedupIndex(
+            self.directory / "dedup", parse_duration_ms(config.loader.dedup_horizon)
+        )
+        self.deleted_users = DeletedUsers(config.data_path)
         self.checkpoint_path = self.directory / "checkpoint.msgpack"
         self.journal_path = self.directory / "journal.jsonl"
         self.max_batch_events = settings.max_batch_events
@@ -178,6 +189,7 @@ class Processor:
             self.engine.restore(checkpoint["engine"])
             self.seq = int(checkpoint["seq"])
             self.offsets = {int(p): int(o) for p, o in checkpoint["offsets"].items()}
+            self.dedup.load({k: int(v) for k, v in checkpoint.get("dedup", {}).items()})
             log.info(
                 "processor %s: restored checkpoint seq %d at offsets %s",
                 self.shard,
@@ -190,6 +202,7 @@ class Processor:
             self.engine = self._new_engine(now_ms())
             self.seq = 0
             self.offsets = {}
+            self.dedup.load({})
         for partition in self.partitions:
             offset = max(self.offsets.get(partition, 0), beginning.get(partition, 0))
             self.offsets[partition] = offset
@@ -236,13 +249,16 @@ class Processor:
             os.close(fd)
 
     def _checkpoint(self, now: int) -> None:
+        self.dedup.expire(now)
         data = {
             "version": 1,
             "shard": self.shard,
             "seq": self.seq,
             "offsets": {str(p): o for p, o in self.offsets.items()},
             "engine": self.engine.snapshot(),
+            "dedup": self.dedup.lengths(),
         }
+        self.dedup.sync()
         atomic_write_bytes(self.checkpoint_path, encode_snapshot(data))
         # Entries up to seq are in the checkpoint now; a crash before this
         # truncation is harmless (replay skips them by seq).
@@ -321,14 +337,33 @@ class Processor:
             position = 0
             for partition in order:
                 batch = batches[partition]
+                run = table.slice(position, len(batch.values))
                 runs.append(
-                    (partition, table.slice(position, len(batch.values)), batch.first_offset)
+                    (partition, self._admit(partition, run, batch.first_offset), batch.first_offset)
                 )
                 position += len(batch.values)
                 self.offsets[partition] = batch.last_offset + 1
             step.extend(self.engine.process_many(runs, now))
         step.extend(self.engine.advance(now))
         return step
+
+    def _admit(self, partition: int, run: pa.Table, first_offset: int) -> pa.Table:
+        """Drop client retries seen within the dedup horizon and records of
+        deleted users; filtered runs carry their log offsets in ``_offset``.
+        Deterministic given the checkpoint, so journal replays admit the same."""
+        if run.num_rows == 0:
+            return run
+        offsets = np.arange(first_offset, first_offset + run.num_rows, dtype=np.int64)
+        hashes = hash_ids(run.column("event_id").to_pylist())
+        keep = self.dedup.first_unseen(partition, hashes)
+        received = run.column("received_at").to_numpy()
+        self.dedup.add(partition, hashes[keep], received[keep], sync=False)
+        masked = self.deleted_users.keep_mask(run)
+        if masked is not None:
+            keep &= masked
+        if keep.all():
+            return run
+        return run.filter(pa.array(keep)).append_column("_offset", pa.array(offsets[keep]))
 
     def run_once(self, wait_s: float = 0.1) -> int:
         """One cycle; returns the number of records consumed."""
