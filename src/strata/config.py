@@ -38,7 +38,13 @@ def parse_duration_ms(value: str | int | float, field: str = "duration") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{field}: expected a duration like '30s', got {value!r}")
     if isinstance(value, int | float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{field}: expected a duration like '30s', got {value!r}")
         return int(value)
+    if not isinstance(value, str):
+        # JSON bodies and TOML can hand over lists, tables, dates: still a
+        # ConfigError (the caller's 4xx), never a TypeError.
+        raise ConfigError(f"{field}: expected a duration like '30s', got {value!r}")
     match = _DURATION.match(value)
     if not match:
         raise ConfigError(f"{field}: expected a duration like '30s', '5m' or '7d', got {value!r}")
