@@ -206,3 +206,13 @@ def test_corrupted_segments_never_yield_a_bad_record(
         pass
     finally:
         log.close()
+
+
+def test_funnel_window_of_the_wrong_type_is_a_400(shared_server: StrataServer) -> None:
+    """Found by the schemathesis run: a non-string ``window`` was a 500."""
+    for window in ([1], {"a": 1}, None, True):
+        response = shared_server.client.post(
+            f"{shared_server.url}/v1/metrics/funnel",
+            json={"steps": ["a", "b"], "window": window}, headers=shared_server.headers())
+        assert response.status_code == 400, (window, response.text)
+        assert "window" in response.json()["error"]
