@@ -53,12 +53,11 @@ def _drain(loader: Loader) -> None:
         pass
 
 
-def test_pending_plan_already_stored_is_not_stored_again(setup) -> None:
+def test_a_plan_re_executed_after_its_insert_is_stored_once(setup) -> None:
     config, log, store, accepted, _ = setup
     loader = _loader(config, log, store)
-    # A cycle that crashes after its insert reached the table but before the
-    # checkpoint: the plan is on disk, the rows are in the table, and (the
-    # worst case) the store no longer knows the insert's token.
+    # A cycle that crashes after its insert but before its checkpoint: the
+    # plan is on disk and the rows are in the table and the rollups.
     batches = loader.consumer.poll_batches(500, timeout_s=0)
     ranges = {b.partition: (b.first_offset, b.last_offset) for b in batches}
     loader._write_checkpoint(ranges)
@@ -67,13 +66,42 @@ def test_pending_plan_already_stored_is_not_stored_again(setup) -> None:
         table = EVENTS_SINK.decode(batch.values)
         offsets = pa.array(range(batch.first_offset, batch.last_offset + 1)).to_numpy()
         rows.append(EVENTS_SINK.finish(table, offsets * 0 + batch.partition, offsets))
-    store.insert_arrow("events", pa.concat_tables(rows), dedup_token=None)
+    data = pa.concat_tables(rows).combine_chunks()
+    store.insert_arrow("events", data, dedup_token=loader.dedup_token(ranges))
     loader.close()
     restarted = _loader(config, log, store)  # re-executes the pending plan
     _drain(restarted)
     assert store.scalar("SELECT count() FROM events") == len(accepted)
     assert store.scalar("SELECT uniqExact(event_id) FROM events") == len(accepted)
-    assert store.scalar("SELECT countMerge(events) FROM rollup_events_by_type_5m") == len(accepted)
+    for granularity in ("5m", "1d"):
+        assert store.scalar(
+            f"SELECT countMerge(events) FROM rollup_events_by_type_{granularity}"
+        ) == len(accepted)
+
+
+def test_a_deduplicated_block_still_reaches_rollups_that_missed_it(setup) -> None:
+    """Why a pending plan is re-inserted with its token rather than skipped
+    when its rows are already in `events`: if a crash left the raw part but
+    not a rollup's part, the store drops the repeated raw block yet still
+    feeds it to every materialized view, and each rollup keeps it once."""
+    config, log, store, accepted, _ = setup
+    raw = EVENTS_SINK.finish(
+        EVENTS_SINK.decode([value for _, value, _ in accepted[:100]]),
+        pa.array([0] * 100).to_numpy(),
+        pa.array(range(100)).to_numpy(),
+    )
+    store.insert_arrow("events", raw, dedup_token="plan-token")
+    # A rollup that did not get the block: created after the first insert.
+    store.command(
+        "CREATE TABLE probe_rollup (n AggregateFunction(count)) ENGINE = AggregatingMergeTree "
+        "ORDER BY tuple() SETTINGS non_replicated_deduplication_window = 100"
+    )
+    store.command("CREATE MATERIALIZED VIEW probe_view TO probe_rollup AS SELECT countState() AS n FROM events")
+    store.insert_arrow("events", raw, dedup_token="plan-token")  # the re-executed plan
+    store.insert_arrow("events", raw, dedup_token="plan-token")  # and once more
+    assert store.scalar("SELECT count() FROM events") == 100
+    assert store.scalar("SELECT countMerge(n) FROM probe_rollup") == 100
+    assert store.scalar("SELECT countMerge(events) FROM rollup_events_by_type_5m") == 100
 
 
 def test_a_re_executed_plan_keeps_other_partitions_positions(setup) -> None:

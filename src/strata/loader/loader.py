@@ -102,7 +102,7 @@ class Loader:
         if plan:
             ranges = {int(p): (int(a), int(b)) for p, (a, b) in plan.items()}
             log.info("loader %s: re-executing pending plan %s", self.sink.topic, ranges)
-            self._execute(self._read_exactly(ranges), ranges, recovering=True)
+            self._execute(self._read_exactly(ranges), ranges)
 
     def _write_checkpoint(self, plan: dict[int, tuple[int, int]] | None) -> None:
         atomic_write_json(
@@ -179,13 +179,7 @@ class Loader:
         self._execute(list(merged.values()), ranges)
         return sum(len(b.values) for b in merged.values())
 
-    def _execute(
-        self,
-        batches: list[RecordBatch],
-        ranges: dict[int, tuple[int, int]],
-        *,
-        recovering: bool = False,
-    ) -> None:
+    def _execute(self, batches: list[RecordBatch], ranges: dict[int, tuple[int, int]]) -> None:
         tables: list[pa.Table] = []
         new_ids: list[tuple[int, np.ndarray, np.ndarray]] = []
         duplicates = 0
@@ -213,7 +207,7 @@ class Loader:
                     self.stats.max_event_ts[batch.partition] = max(seen, top)
                 partition = np.full(table.num_rows, batch.partition)
                 tables.append(self.sink.finish(table, partition, offsets))
-        if tables and not (recovering and self._landed(ranges)):
+        if tables:
             token = self.dedup_token(ranges)
             # One chunk per column: chDB turns each Arrow chunk into a block
             # that every rollup view processes on its own (measured: an
@@ -232,32 +226,6 @@ class Loader:
         self.stats.duplicate_rows += duplicates
         self.stats.batches += 1
         self.stats.last_insert_ms = now_ms()
-
-    def _landed(self, ranges: dict[int, tuple[int, int]]) -> bool:
-        """Whether a pending plan's insert already reached the table.
-
-        The insert token makes a repeated insert a no-op in the store; this
-        second fence, used only when a plan is re-executed after a crash or
-        a failed cycle, looks for the plan's log positions in the table
-        itself, so the outcome does not rest on the store's deduplication
-        log having survived the crash. An insert is one Arrow chunk, one
-        block: it landed whole or not at all."""
-        if not self.sink.with_position:
-            return False
-        conditions = []
-        parameters: dict[str, int] = {}
-        for i, (partition, (first, last)) in enumerate(sorted(ranges.items())):
-            conditions.append(
-                f"(_partition = {{p{i}:UInt16}} "
-                f"AND _offset BETWEEN {{a{i}:UInt64}} AND {{b{i}:UInt64}})"
-            )
-            parameters.update({f"p{i}": partition, f"a{i}": first, f"b{i}": last})
-        found = self.store.scalar(
-            f"SELECT count() FROM {self.sink.table} WHERE " + " OR ".join(conditions), parameters
-        )
-        if found:
-            log.info("loader %s: pending plan already stored; not inserting it again", self.sink.topic)
-        return bool(found)
 
     def dedup_token(self, ranges: dict[int, tuple[int, int]]) -> str:
         plan = ",".join(f"{p}:{a}-{b}" for p, (a, b) in sorted(ranges.items()))
