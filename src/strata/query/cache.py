@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import Any
 
@@ -49,25 +50,29 @@ def _bounds(time_range: TimeRange) -> tuple[int, int]:
     return start, end
 
 
-class ResultCache:
+class ResultCache(ABC):
     """Interface; see the module docstring."""
 
     backend = "none"
 
+    @abstractmethod
     def get(self, key: str) -> QueryResult | None:
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abstractmethod
     def put(self, key: str, value: QueryResult, ttl_ms: int, time_range: TimeRange) -> None:
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abstractmethod
     def invalidate(self, start_ms: int, end_ms: int) -> int:
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abstractmethod
     def clear(self) -> None:
-        raise NotImplementedError
+        """See the class docstring."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing
+        """Release connections; the in-process backends have none."""
 
 
 class MemoryCache(ResultCache):

@@ -25,6 +25,7 @@ import math
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,14 +59,15 @@ class RateLimitExceeded(Exception):
 
 
 # -- token buckets ----------------------------------------------------------------
-class TokenBuckets:
+class TokenBuckets(ABC):
     """Interface: ``take(user, limit, cost)`` -> Decision, atomically."""
 
+    @abstractmethod
     def take(self, user: str, limit: UserLimit, cost: float = 1.0) -> Decision:
-        raise NotImplementedError
+        """See the class docstring."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing
+        """Release connections; the in-process backends have none."""
 
 
 class MemoryTokenBuckets(TokenBuckets):
@@ -135,18 +137,20 @@ class RedisTokenBuckets(TokenBuckets):
 
 
 # -- heavy-query slots ---------------------------------------------------------------
-class HeavySlots:
+class HeavySlots(ABC):
     """Interface: ``acquire(user, limit)`` -> a slot id or None when the user
     already runs ``limit`` heavy queries; ``release(user, slot)``."""
 
+    @abstractmethod
     def acquire(self, user: str, limit: int) -> str | None:
-        raise NotImplementedError
+        """See the class docstring."""
 
+    @abstractmethod
     def release(self, user: str, slot: str) -> None:
-        raise NotImplementedError
+        """See the class docstring."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing
+        """Release connections; the in-process backends have none."""
 
 
 class MemoryHeavySlots(HeavySlots):
