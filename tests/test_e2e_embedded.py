@@ -81,12 +81,19 @@ def test_exactly_once_across_kill9(server_factory: Any) -> None:
     client.start()
     rng = random.Random(3)
     kills = 0
-    while kills < 5 and client.is_alive():
-        time.sleep(rng.uniform(0.3, 1.5))
+    # Crash at random moments *during* ingestion: after a random number of
+    # further acknowledged batches (at most 5 x 60 of the 400), then a
+    # random delay, so the kill lands mid-request, mid-commit or mid-load.
+    while kills < 5:
+        target = client.acknowledged + rng.randint(20, 60)
+        deadline = time.monotonic() + 120
+        while client.acknowledged < target and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))
+        assert client.is_alive(), "the client finished before five crashes"
         server.kill9()
         kills += 1
         server.start()
-    assert kills == 5, "the client finished before five crashes; make the stream longer"
     client.join(300)
     assert not client.is_alive()
     assert client.acknowledged == len(batches)
