@@ -26,7 +26,6 @@ reads the same config file, and talks to the others only through the log
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -198,53 +197,15 @@ def ingest_app(service: Any, metrics_dir: Path) -> Starlette:
 
 def ingest_worker_main(argv: list[str]) -> None:
     """One ingest worker process of ``strata ingest``."""
-    import uvicorn
+    from strata.server.process import run_dir
+    from strata.server.worker import serve_ingest_worker
 
-    from strata.auth import Keyring
-    from strata.ingest.app import IngestService
-    from strata.ingest.committer import GroupCommitter
-    from strata.log import open_log
-    from strata.logs import setup_logging
-    from strata.server.process import die_with_parent, read_resolved_config, run_dir
-    from strata.server.worker import _snapshot_loop
+    def make_app(service: Any, config: Config) -> tuple[Any, Path]:
+        metrics_dir = run_dir(config) / f"ingest-{os.getppid()}"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        return ingest_app(service, metrics_dir), metrics_dir
 
-    parser = argparse.ArgumentParser(prog="strata-ingest-worker")
-    parser.add_argument("--resolved-config", required=True)
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--index", type=int, default=0)
-    args = parser.parse_args(argv)
-    die_with_parent()
-    setup_logging(f"ingest-{args.index}")
-    config = read_resolved_config(args.resolved_config)
-    log_ = open_log(config, create_topics=False)
-    committer = GroupCommitter(log_)
-    service = IngestService(config, committer, Keyring(config), log=log_)
-    metrics_dir = run_dir(config) / f"ingest-{os.getppid()}"
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    threading.Thread(
-        target=_snapshot_loop,
-        args=(metrics_dir / f"metrics-ingest-{args.index}.json", stop),
-        daemon=True,
-    ).start()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            ingest_app(service, metrics_dir),
-            log_level="warning",
-            access_log=False,
-            http=BoundedHttpToolsProtocol,  # bounded request head (strata.server.http)
-            timeout_keep_alive=30,
-            limit_concurrency=2000,
-            h11_max_incomplete_event_size=64 * 1024,
-            timeout_graceful_shutdown=10,
-        )
-    )
-    try:
-        asyncio.run(server.serve(sockets=[socket.socket(fileno=args.fd)]))
-    finally:
-        stop.set()
-        committer.close()
-        log_.close()
+    serve_ingest_worker(argv, prog="strata-ingest-worker", make_app=make_app)
 
 
 # --- strata query-api ---------------------------------------------------------------------------

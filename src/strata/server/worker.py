@@ -14,6 +14,8 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -23,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from strata.auth import Keyring
+from strata.config import Config
 from strata.ingest.app import IngestService, ingest_routes
 from strata.ingest.committer import GroupCommitter
 from strata.log import open_log
@@ -82,9 +85,13 @@ class CoreProxy:
                 headers={"Retry-After": "1"},
             )
         response_headers = {
-            k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP | {"content-encoding"}
+            k: v
+            for k, v in upstream.headers.items()
+            if k.lower() not in HOP_BY_HOP | {"content-encoding"}
         }
-        return Response(upstream.content, status_code=upstream.status_code, headers=response_headers)
+        return Response(
+            upstream.content, status_code=upstream.status_code, headers=response_headers
+        )
 
 
 def build_app(service: IngestService, proxy: CoreProxy) -> Starlette:
@@ -104,8 +111,17 @@ def _snapshot_loop(path: os.PathLike[str], stop: threading.Event) -> None:
             log.warning("could not write metrics snapshot", exc_info=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="strata-worker")
+def serve_ingest_worker(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    make_app: Callable[[IngestService, Config], tuple[Starlette, Path]],
+) -> None:
+    """Run one ingest worker process: parse its arguments, open the log, the
+    group committer and the service, and serve ``make_app``'s app (which also
+    names the worker's metrics snapshot file) on the inherited socket.
+    `strata serve` and `strata ingest` differ only in ``make_app``."""
+    parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--resolved-config", required=True)
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
@@ -116,17 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     log_ = open_log(config, create_topics=False)
     committer = GroupCommitter(log_)
     service = IngestService(config, committer, Keyring(config), log=log_)
-    proxy = CoreProxy(str(core_socket(config)))
+    app, metrics_dir = make_app(service, config)
     stop = threading.Event()
     threading.Thread(
         target=_snapshot_loop,
-        args=(run_dir(config) / f"metrics-ingest-{args.index}.json", stop),
+        args=(metrics_dir / f"metrics-ingest-{args.index}.json", stop),
         daemon=True,
     ).start()
-    sock = socket.socket(fileno=args.fd)
     server = uvicorn.Server(
         uvicorn.Config(
-            build_app(service, proxy),
+            app,
             log_level="warning",
             access_log=False,
             loop="auto",
@@ -138,11 +153,19 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        asyncio.run(server.serve(sockets=[socket.socket(fileno=args.fd)]))
     finally:
         stop.set()
         committer.close()
         log_.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    def make_app(service: IngestService, config: Config) -> tuple[Starlette, Path]:
+        proxy = CoreProxy(str(core_socket(config)))
+        return build_app(service, proxy), run_dir(config)
+
+    serve_ingest_worker(argv, prog="strata-worker", make_app=make_app)
 
 
 if __name__ == "__main__":
