@@ -47,10 +47,10 @@ from strata.config import Config, load_config, parse_duration_ms
 from strata.durable import atomic_write_json, read_json
 from strata.events import now_ms
 from strata.lake.base import LAKE_SCHEMA, Lake, file_relpath
-from strata.masking import DeletedUsers
 from strata.loader.dedup import DedupIndex, hash_ids
 from strata.loader.sinks import EVENTS_SINK
 from strata.log import Log, RecordBatch, open_log
+from strata.masking import DeletedUsers
 
 log = logging.getLogger("strata.archiver")
 
@@ -145,7 +145,10 @@ class Archiver:
         if plan:
             ranges = {int(p): (int(a), int(b)) for p, (a, b) in plan.items()}
             log.info("archiver: re-executing pending plan %s", ranges)
-            self._execute(self._read_exactly(ranges), ranges)
+            batches = self.consumer.read_ranges(
+                ranges, resume_at=self.offsets, max_records=self.max_poll_events
+            )
+            self._execute({p: b.values for p, b in batches.items()}, ranges)
 
     def _write_checkpoint(self, plan: dict[int, tuple[int, int]] | None) -> None:
         atomic_write_json(
@@ -156,36 +159,6 @@ class Archiver:
                 "dedup": self.dedup.lengths(),
             },
         )
-
-    def _read_exactly(self, ranges: dict[int, tuple[int, int]]) -> dict[int, list[bytes]]:
-        """The records of a planned range, read again from the log."""
-        collected: dict[int, list[bytes]] = {}
-        for partition, (first, _) in ranges.items():
-            self.consumer.seek(partition, first)
-        remaining = dict(ranges)
-        deadline = time.monotonic() + 120
-        while remaining:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"archiver: planned range {remaining} is no longer readable")
-            for batch in self.consumer.poll_batches(self.max_poll_events, timeout_s=0.1):
-                if batch.partition not in remaining:
-                    continue
-                first, last = ranges[batch.partition]
-                have = collected.setdefault(batch.partition, [])
-                expected = first + len(have)
-                if batch.first_offset > expected or batch.last_offset < expected:
-                    continue
-                skip = expected - batch.first_offset
-                have.extend(batch.values[skip : skip + (last - expected + 1)])
-                if first + len(have) > last:
-                    remaining.pop(batch.partition)
-        # Polling read other partitions too; put every position back.
-        for partition in self.consumer.assignment():
-            if partition in ranges:
-                self.consumer.seek(partition, ranges[partition][1] + 1)
-            else:
-                self.consumer.seek(partition, self.offsets.get(partition, 0))
-        return collected
 
     # -- one roll ------------------------------------------------------------
     def _execute(self, records: dict[int, list[bytes]], ranges: dict[int, tuple[int, int]]) -> None:

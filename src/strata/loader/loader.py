@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +101,10 @@ class Loader:
         if plan:
             ranges = {int(p): (int(a), int(b)) for p, (a, b) in plan.items()}
             log.info("loader %s: re-executing pending plan %s", self.sink.topic, ranges)
-            self._execute(self._read_exactly(ranges), ranges)
+            batches = self.consumer.read_ranges(
+                ranges, resume_at=self.offsets, max_records=self.max_batch_events
+            )
+            self._execute(list(batches.values()), ranges)
 
     def _write_checkpoint(self, plan: dict[int, tuple[int, int]] | None) -> None:
         atomic_write_json(
@@ -113,45 +115,6 @@ class Loader:
                 "dedup": self.dedup.lengths() if self.dedup is not None else {},
             },
         )
-
-    def _read_exactly(self, ranges: dict[int, tuple[int, int]]) -> list[RecordBatch]:
-        for partition, (first, _) in ranges.items():
-            self.consumer.seek(partition, first)
-        collected: dict[int, RecordBatch] = {}
-        remaining = dict(ranges)
-        deadline = time.monotonic() + 60
-        while remaining:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"loader: planned range {remaining} is no longer readable")
-            for batch in self.consumer.poll_batches(self.max_batch_events, timeout_s=0.1):
-                if batch.partition not in remaining:
-                    continue
-                first, last = ranges[batch.partition]
-                have = collected.get(batch.partition)
-                expected = first if have is None else have.last_offset + 1
-                if batch.first_offset > expected or batch.last_offset < expected:
-                    continue
-                skip = expected - batch.first_offset
-                take = min(len(batch.values) - skip, last - expected + 1)
-                values = batch.values[skip : skip + take]
-                stamps = batch.timestamps_ms[skip : skip + take]
-                if have is None:
-                    collected[batch.partition] = RecordBatch(
-                        batch.topic, batch.partition, first, list(values), list(stamps)
-                    )
-                else:
-                    have.values.extend(values)
-                    have.timestamps_ms.extend(stamps)
-                if collected[batch.partition].last_offset >= last:
-                    remaining.pop(batch.partition, None)
-        # Polling also advanced partitions outside the plan: put every
-        # assigned partition back where the checkpoint says it is.
-        for partition in self.consumer.assignment():
-            if partition in ranges:
-                self.consumer.seek(partition, ranges[partition][1] + 1)
-            else:
-                self.consumer.seek(partition, self.offsets.get(partition, 0))
-        return list(collected.values())
 
     # -- one cycle -----------------------------------------------------------
     def run_once(self, timeout_s: float | None = None) -> int:
@@ -205,8 +168,8 @@ class Loader:
                     top = int(pc.max(table.column("ts")).as_py())
                     seen = self.stats.max_event_ts.get(batch.partition, 0)
                     self.stats.max_event_ts[batch.partition] = max(seen, top)
-                partition = np.full(table.num_rows, batch.partition)
-                tables.append(self.sink.finish(table, partition, offsets))
+                partition_column = np.full(table.num_rows, batch.partition)
+                tables.append(self.sink.finish(table, partition_column, offsets))
         if tables:
             token = self.dedup_token(ranges)
             # One chunk per column: chDB turns each Arrow chunk into a block

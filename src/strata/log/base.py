@@ -33,6 +33,7 @@ past the end.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -174,6 +175,57 @@ class Consumer(ABC):
                     )
                 )
         return batches
+
+    def read_ranges(
+        self,
+        ranges: dict[int, tuple[int, int]],
+        *,
+        resume_at: dict[int, int],
+        max_records: int = 100_000,
+        timeout_s: float = 120.0,
+    ) -> dict[int, RecordBatch]:
+        """Read again exactly the records ``first..last`` (inclusive) of each
+        partition in ``ranges``: what a consumer re-executing a checkpointed
+        plan after a crash needs. Afterwards every assigned partition is
+        positioned where its owner resumes: ``last + 1`` for the planned
+        partitions, ``resume_at[p]`` (default 0) for the others, since
+        polling advanced them too. Raises ``LogError`` if a range is not
+        readable within ``timeout_s``."""
+        for partition, (first, _) in ranges.items():
+            self.seek(partition, first)
+        collected: dict[int, RecordBatch] = {}
+        remaining = dict(ranges)
+        deadline = time.monotonic() + timeout_s
+        while remaining:
+            if time.monotonic() > deadline:
+                raise LogError(f"planned range {remaining} is no longer readable")
+            for batch in self.poll_batches(max_records, timeout_s=0.1):
+                if batch.partition not in remaining:
+                    continue
+                first, last = ranges[batch.partition]
+                have = collected.get(batch.partition)
+                expected = first if have is None else have.last_offset + 1
+                if batch.first_offset > expected or batch.last_offset < expected:
+                    continue
+                skip = expected - batch.first_offset
+                take = min(len(batch.values) - skip, last - expected + 1)
+                values = batch.values[skip : skip + take]
+                stamps = batch.timestamps_ms[skip : skip + take]
+                if have is None:
+                    collected[batch.partition] = RecordBatch(
+                        batch.topic, batch.partition, first, list(values), list(stamps)
+                    )
+                else:
+                    have.values.extend(values)
+                    have.timestamps_ms.extend(stamps)
+                if collected[batch.partition].last_offset >= last:
+                    remaining.pop(batch.partition, None)
+        for partition in self.assignment():
+            if partition in ranges:
+                self.seek(partition, ranges[partition][1] + 1)
+            else:
+                self.seek(partition, resume_at.get(partition, 0))
+        return collected
 
     @abstractmethod
     def seek(self, partition: int, offset: int) -> None:

@@ -308,20 +308,8 @@ class Processor:
 
     def _read_exactly(self, ranges: dict[int, tuple[int, int]]) -> dict[int, RecordBatch]:
         out: dict[int, RecordBatch] = {}
-        for partition, (first, last) in sorted(ranges.items()):
-            consumer = self.consumers[partition]
-            consumer.seek(partition, first)
-            values: list[bytes] = []
-            deadline = time.monotonic() + 60
-            while len(values) < last - first + 1:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"processor: journaled range {partition}:{first}-{last} unreadable"
-                    )
-                for batch in consumer.poll_batches(last - first + 1 - len(values), timeout_s=0.1):
-                    values.extend(batch.values)
-            out[partition] = RecordBatch("events", partition, first, values, [])
-            consumer.seek(partition, last + 1)
+        for partition, span in sorted(ranges.items()):
+            out.update(self.consumers[partition].read_ranges({partition: span}, resume_at={}))
         return out
 
     # -- one cycle ------------------------------------------------------------------------
