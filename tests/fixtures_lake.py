@@ -134,10 +134,10 @@ class LakeEnv:
         from strata.lake.archiver import Archiver
         from strata.lake.base import Lake
         from strata.lake.batch import BatchJob
-        from strata.masking import DeletedUsers
         from strata.loader.loader import Loader
         from strata.loader.sinks import EVENTS_SINK
         from strata.log import open_log
+        from strata.masking import DeletedUsers
         from strata.store import Store
 
         self.config = config_for(tmp, **overrides)

@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 import httpx
+from tests.conftest import WRITE_KEY, StrataServer
 
 from strata.generate import TrafficModel, run
-from tests.conftest import WRITE_KEY, StrataServer
 
 
 def _check_rollups_match_raw(server: StrataServer) -> None:

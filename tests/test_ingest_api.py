@@ -10,7 +10,6 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from tests.conftest import ADMIN_TOKEN, QUERY_TOKEN, WRITE_KEY, StrataServer
 
 

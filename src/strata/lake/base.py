@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from strata.config import Config
 from strata.durable import fsync_dir
-from strata.loader.sinks import EVENTS_SINK, TIMESTAMP
+from strata.loader.sinks import EVENTS_SINK
 
 # The columns of every lake file: the raw table's columns (strata.loader.sinks
 # EVENTS_SINK plus the log position), in this order.

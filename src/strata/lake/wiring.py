@@ -17,8 +17,8 @@ from typing import Any
 from strata.lake.archiver import Archiver
 from strata.lake.base import Lake
 from strata.lake.batch import BatchJob
-from strata.masking import DeletedUsers
 from strata.lake.scheduler import LakeScheduler
+from strata.masking import DeletedUsers
 
 
 def register_lake(pipeline: Any) -> None:
