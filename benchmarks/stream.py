@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import heapq
 import os
 import random
 import shutil
@@ -33,6 +34,7 @@ from strata.config import MetricConfig, load_config
 from strata.loader.sinks import EVENTS_SINK
 from strata.metrics import compile_metric
 from strata.processor.engine import WindowEngine
+from strata.serving.state import EXACT_LIMIT, UniqSketch
 
 SEED = MetricConfig(
     name="page_views_by_country",
@@ -126,47 +128,124 @@ def engine_run(
 
 
 def python_run(
-    rows: list[list[tuple]], partitions: int, stable_hash: bool = False
-) -> tuple[float, int]:
-    """The same job, one event at a time: filter, watermark, lateness, dict
-    of counts and a set of users per (window, country). With ``stable_hash``
-    the set holds a 64-bit hash that is the same in every process (what a
-    distinct count must keep to merge across windows and processors);
-    without, Python's per-process str hash (not mergeable)."""
+    rows: list[list[tuple]],
+    partitions: int,
+    stable_hash: bool = False,
+    retention_ms: int = 3_600_000,
+) -> tuple[float, dict]:
+    """The same job, one event at a time, written to be quick: filter,
+    window, per-partition watermark, lateness judged against the watermark
+    just before the event, a dict of counts and a set of users per (window,
+    country), final firing when the watermark passes the window's end (a
+    heap of open window starts, so a firing never scans the other windows),
+    late events to a side list and into their window while it is held
+    (``retention_ms`` past its end, as the engine's ``retention_ms``), with
+    a revision count. With ``stable_hash`` the set holds a 64-bit hash that
+    is the same in every process (what a distinct count must keep to merge
+    across windows and processors); without, the user id strings (exact and
+    mergeable too, but the memory grows with the id length).
+
+    Returns the CPU seconds and the outputs: ``finals`` {(start, country):
+    (count, distinct)} at the final firing, ``late`` [(start, country)] and
+    the held windows' ``revision`` counts, to check against the engine."""
     size, ooo = 300_000, 30_000
     max_ts = [-(2**62)] * partitions
     watermark = -(2**62)
-    windows: dict[tuple[int, str], list] = {}
-    fired: set[int] = set()
-    finals = late = 0
+    windows: dict[int, dict[str, list]] = {}
+    open_starts: list[int] = []
+    fired: list[int] = []
+    finals: dict[tuple[int, str], tuple[int, int]] = {}
+    late: list[tuple[int, str]] = []
     gc.collect()
     started = CLOCK()
     for partition, batch in rows:
         for event_type, user_id, country, ts in batch:
             if event_type == "page_view":
                 start = ts - ts % size
+                window = windows.get(start)
                 if start + size <= watermark:
-                    late += 1
-                else:
-                    state = windows.get((start, country))
+                    late.append((start, country))
+                    if window is None:
+                        continue  # evicted: side output only
+                    state = window.get(country)
                     if state is None:
-                        state = windows[(start, country)] = [0, set()]
-                    state[0] += 1
-                    if stable_hash:
-                        state[1].add(hash64(user_id.encode(), digest_size=8).digest())
-                    else:
-                        state[1].add(user_id)
+                        state = window[country] = [0, set(), 0]
+                    state[2] += 1
+                elif window is None:
+                    window = windows[start] = {}
+                    heapq.heappush(open_starts, start)
+                    state = window[country] = [0, set(), 0]
+                else:
+                    state = window.get(country)
+                    if state is None:
+                        state = window[country] = [0, set(), 0]
+                state[0] += 1
+                state[1].add(
+                    hash64(user_id.encode(), digest_size=8).digest() if stable_hash else user_id
+                )
             if ts > max_ts[partition]:
                 max_ts[partition] = ts
                 low = min(max_ts) - ooo
                 if low > watermark:
                     watermark = low
-                    for key in [
-                        k for k in windows if k[0] + size <= watermark and k[0] not in fired
-                    ]:
-                        fired.add(key[0])
-                        finals += 1
-    return CLOCK() - started, finals
+                    while open_starts and open_starts[0] + size <= watermark:
+                        start = heapq.heappop(open_starts)
+                        for country, state in windows[start].items():
+                            finals[(start, country)] = (state[0], len(state[1]))
+                        fired.append(start)
+                    while fired and fired[0] + size + retention_ms <= watermark:
+                        del windows[fired.pop(0)]
+    elapsed = CLOCK() - started
+    revisions = {
+        (start, country): state[2]
+        for start, window in windows.items()
+        for country, state in window.items()
+        if state[2]
+    }
+    return elapsed, {"finals": finals, "late": late, "revisions": revisions}
+
+
+def engine_outputs(batches: list[list[tuple[int, pa.Table, int]]], partitions: int) -> dict:
+    """The engine's outputs on ``batches`` in the shape ``python_run`` returns."""
+    metric = compile_metric(SEED)
+    engine = WindowEngine(
+        [metric],
+        partitions=list(range(partitions)),
+        idle_timeout_ms=10**12,
+        retention_ms=3_600_000,
+        now_ms=0,
+    )
+    finals: dict[tuple[int, str], tuple[int, int]] = {}
+    late: list[tuple[int, str]] = []
+    for cycle in batches:
+        step = engine.process_many(cycle, 0)
+        for state in step.finals:
+            sketch = UniqSketch.from_bytes(state.values[1])
+            finals[(state.window_start, state.dims[0])] = (state.count, sketch.estimate())
+        late.extend((event.window_start, "") for event in step.late)
+    revisions = {
+        (state.window_start, state.dims[0]): state.revision
+        for state in engine.all_states()
+        if state.revision
+    }
+    return {"finals": finals, "late": late, "revisions": revisions}
+
+
+def check_same_outputs(engine: dict, plain: dict) -> None:
+    """The per-event loop computes what the engine computes: same final
+    windows and counts, same distinct users (exact below the sketch's
+    exact limit, else within the HyperLogLog's error), same late events and
+    revisions. A benchmark of two different jobs would be meaningless."""
+    assert engine["finals"].keys() == plain["finals"].keys(), "final windows differ"
+    for key, (count, distinct) in plain["finals"].items():
+        engine_count, engine_distinct = engine["finals"][key]
+        assert engine_count == count, (key, engine_count, count)
+        if distinct <= EXACT_LIMIT:
+            assert engine_distinct == distinct, (key, engine_distinct, distinct)
+        else:
+            assert abs(engine_distinct - distinct) <= 0.05 * distinct, (key, engine_distinct)
+    assert len(engine["late"]) == len(plain["late"]), "late events differ"
+    assert engine["revisions"] == plain["revisions"], "revisions differ"
 
 
 def _filled_log(events: list[dict], partitions: int, directory: Path):  # type: ignore[no-untyped-def]
@@ -292,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     events = make_events(args.events)
     batches = to_batches(events, args.partitions, args.batch)
     subset = events[: args.python_events]
+    subset_batches = to_batches(subset, args.partitions, args.batch)
     py_rows = [
         (
             p,
@@ -302,9 +382,13 @@ def main(argv: list[str] | None = None) -> None:
                 )
             ),
         )
-        for cycle in to_batches(subset, args.partitions, args.batch)
+        for cycle in subset_batches
         for p, t, _ in cycle
     ]
+    reference = engine_outputs(subset_batches, args.partitions)
+    check_same_outputs(reference, python_run(py_rows, args.partitions)[1])
+    check_same_outputs(reference, python_run(py_rows, args.partitions, stable_hash=True)[1])
+    print("per-event loop and engine agree on finals, distinct users, late events, revisions")
     vector, plain, plain_stable, e2e = [], [], [], []
     # The million input dicts are fixtures: keep the collector from rescanning
     # them during the timed loops (it would tax whichever side allocates more).

@@ -48,7 +48,6 @@ from strata.config import ConfigError
 from strata.metrics import Metric
 from strata.processor.filters import Mask, compile_filter
 from strata.serving.state import (
-    HLL_M,
     UniqSketch,
     WindowState,
     hash_strings,
@@ -127,6 +126,9 @@ class _MetricRuntime:
             self.mask: Mask | None = compile_filter(metric.filter)
         except ValueError as exc:
             raise ConfigError(f"metric {metric.name!r}: field 'filter': {exc}") from exc
+        # Metrics with the same filter share its mask and the dictionary
+        # codes of the rows it selects, within one batch.
+        self.scope = metric.filter_sql if self.mask is not None else ""
         self.watermark = NO_TIME
         self.slots: dict[int, _Slot] = {}
         self.dirty: set[tuple[int, tuple[str, ...]]] = set()
@@ -216,8 +218,7 @@ class WindowEngine:
             ]
         )
         tables = [
-            r[1].drop_columns(["_offset"]) if "_offset" in r[1].column_names else r[1]
-            for r in runs
+            r[1].drop_columns(["_offset"]) if "_offset" in r[1].column_names else r[1] for r in runs
         ]
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
         n = table.num_rows
@@ -296,7 +297,11 @@ class WindowEngine:
         if rt.mask is None:
             rows = np.arange(table.num_rows)
         else:
-            rows = np.flatnonzero(rt.mask(table))
+            key = f"mask:{rt.scope}"
+            if key not in cache:
+                selected = rt.mask(table)
+                cache[key] = (selected, np.flatnonzero(selected))
+            rows = cache[key][1]
             if rows.size == 0:
                 return None
         size, slide = metric.window_ms, metric.slide_ms
@@ -338,10 +343,10 @@ class WindowEngine:
     ) -> None:
         """Side-output records; a Python loop over late events only (rare)."""
         metric = rt.metric
-        taken = table.select(["event_id", "event_type", "distinct_id", "ts", "received_at"]).take(
-            rows
-        )
-        columns = {name: taken.column(name).to_pylist() for name in taken.column_names}
+        columns = {
+            name: _take_pylist(table.column(name), rows)
+            for name in ("event_id", "event_type", "distinct_id", "ts", "received_at")
+        }
         for i in range(len(rows)):
             start = int(starts[i])
             event_id = columns["event_id"][i] or ""
@@ -364,27 +369,46 @@ class WindowEngine:
                 )
             )
 
-    def _hashes(
-        self, table: pa.Table, column: str, rows: np.ndarray, cache: dict[str, Any]
-    ) -> np.ndarray:
-        # Hash each distinct value once: dictionary-encode, hash the dictionary.
-        key = f"hash:{column}"
+    def _ranked(
+        self, rt: _MetricRuntime, table: pa.Table, column: str, cache: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: the rank of its value's hash among the distinct values of
+        the rows ``rt``'s filter selects; and those hashes in ascending
+        order. Each distinct value is hashed once (dictionary-encode, hash
+        the dictionary)."""
+        key = f"rank:{rt.scope}:{column}"
         if key not in cache:
-            codes, dictionary = self._codes(table, column, cache)
-            cache[key] = hash_strings(dictionary)[codes]
-        hashes: np.ndarray = cache[key][rows]
-        return hashes
+            codes, dictionary = self._codes(rt, table, column, cache)
+            hashes = hash_strings(dictionary)
+            order = np.argsort(hashes)
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order), dtype=np.int64)
+            cache[key] = (rank[codes], hashes[order])
+        ranked: tuple[np.ndarray, np.ndarray] = cache[key]
+        return ranked
 
     def _codes(
-        self, table: pa.Table, column: str, cache: dict[str, Any]
+        self, rt: _MetricRuntime, table: pa.Table, column: str, cache: dict[str, Any]
     ) -> tuple[np.ndarray, pa.Array]:
-        key = f"dict:{column}"
+        """Dictionary codes of ``column`` per row of ``table`` (meaningful
+        only for the rows ``rt``'s filter selects: a filtered metric encodes
+        just those) and the dictionary."""
+        key = f"dict:{rt.scope}:{column}"
         if key not in cache:
             values = table.column(column)
+            selected = cache.get(f"mask:{rt.scope}")
+            if selected is not None:
+                values = values.filter(pa.array(selected[0]))
+            values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
             if values.null_count:
                 values = pc.fill_null(values, "")
-            encoded = pc.dictionary_encode(values).combine_chunks()
-            cache[key] = (encoded.indices.to_numpy().astype(np.int64), encoded.dictionary)
+            encoded = pc.dictionary_encode(values)
+            codes = encoded.indices.to_numpy().astype(np.int64)
+            if selected is not None:
+                scattered = np.zeros(table.num_rows, dtype=np.int64)
+                scattered[selected[1]] = codes
+                codes = scattered
+            cache[key] = (codes, encoded.dictionary)
         codes, dictionary = cache[key]
         return codes, dictionary
 
@@ -405,7 +429,7 @@ class WindowEngine:
         space = int(code.max()) + 1
         dim_codes: list[tuple[np.ndarray, pa.Array]] = []
         for dimension in metric.dimensions:
-            codes, dictionary = self._codes(table, dimension, cache)
+            codes, dictionary = self._codes(rt, table, dimension, cache)
             picked = codes[rows]
             dim_codes.append((picked, dictionary))
             width = max(len(dictionary), 1)
@@ -439,7 +463,8 @@ class WindowEngine:
                 continue
             if function == "uniq":
                 assert aggregation.column is not None
-                partials.append(self._hashes(table, aggregation.column, rows, cache))
+                ranks, sorted_hashes = self._ranked(rt, table, aggregation.column, cache)
+                partials.append((ranks[rows], sorted_hashes))
                 continue
             assert aggregation.column is not None
             values = table.column(aggregation.column).to_numpy().astype(np.float64)[rows]
@@ -483,7 +508,7 @@ class WindowEngine:
             if function == "count":
                 continue
             if function == "uniq":
-                self._merge_uniq(states, i, group_ids, partial)
+                self._merge_uniq(states, i, group_ids, *partial)
                 continue
             for g, state in enumerate(states):
                 value = float(partial[g])
@@ -499,38 +524,41 @@ class WindowEngine:
 
     @staticmethod
     def _merge_uniq(
-        states: list[GroupState], index: int, group_ids: np.ndarray, hashes: np.ndarray
+        states: list[GroupState],
+        index: int,
+        group_ids: np.ndarray,
+        ranks: np.ndarray,
+        sorted_hashes: np.ndarray,
     ) -> None:
         """Exact groups get their batch's distinct hashes (so a sketch is a
         function of its set of values, whatever the batching); groups already
-        in HLL mode get register maxima."""
-        is_hll = np.array([s.values[index].registers is not None for s in states], dtype=bool)
-        exact_rows = ~is_hll[group_ids]
-        if exact_rows.any():
-            g_sel, h_sel = group_ids[exact_rows], hashes[exact_rows]
-            # Sort by hash, then stably by group (radix sort on small ints).
-            by_hash = np.argsort(h_sel)
-            group_type = np.int16 if len(states) < 2**15 else np.int64
-            order = by_hash[np.argsort(g_sel[by_hash].astype(group_type), kind="stable")]
-            g_sorted, h_sorted = g_sel[order], h_sel[order]
-            keep = np.ones(len(order), dtype=bool)
-            keep[1:] = (g_sorted[1:] != g_sorted[:-1]) | (h_sorted[1:] != h_sorted[:-1])
+        in HLL mode get register maxima.
+
+        One sort of small integers: ``group * distinct + rank`` orders the
+        distinct (group, value) pairs by group, then by hash."""
+        width = max(len(sorted_hashes), 1)
+        keys = np.sort(group_ids * width + ranks)
+        fresh = np.ones(len(keys), dtype=bool)
+        fresh[1:] = keys[1:] != keys[:-1]
+        keys = keys[fresh]
+        g_sorted = keys // width
+        h_sorted = sorted_hashes[keys - g_sorted * width]
+        # Distinct values whose 64-bit hashes collide count once, as a set
+        # of hashes would.
+        keep = np.ones(len(keys), dtype=bool)
+        keep[1:] = (g_sorted[1:] != g_sorted[:-1]) | (h_sorted[1:] != h_sorted[:-1])
+        if not keep.all():
             g_sorted, h_sorted = g_sorted[keep], h_sorted[keep]
-            bounds = np.flatnonzero(np.diff(g_sorted)) + 1
-            for chunk_g, chunk_h in zip(
-                np.split(g_sorted, bounds), np.split(h_sorted, bounds), strict=True
-            ):
-                states[int(chunk_g[0])].values[index].add_hashes(chunk_h)
-        if is_hll.any():
-            hll_groups = np.flatnonzero(is_hll)
-            local = np.full(len(states), -1, dtype=np.int64)
-            local[hll_groups] = np.arange(len(hll_groups))
-            rows = is_hll[group_ids]
-            register, rank = hll_positions(hashes[rows])
-            block = np.zeros(len(hll_groups) * HLL_M, dtype=np.uint8)
-            np.maximum.at(block, local[group_ids[rows]] * HLL_M + register, rank)
-            for k, g in enumerate(hll_groups.tolist()):
-                states[g].values[index].add_registers(block[k * HLL_M : (k + 1) * HLL_M])
+        bounds = np.flatnonzero(g_sorted[1:] != g_sorted[:-1]) + 1
+        starts = np.concatenate([[0], bounds]).tolist()
+        ends = np.concatenate([bounds, [len(g_sorted)]]).tolist()
+        for a, b in zip(starts, ends, strict=True):
+            sketch = states[int(g_sorted[a])].values[index]
+            if sketch.registers is None:
+                sketch.add_hashes(h_sorted[a:b])
+            else:
+                register, rank = hll_positions(h_sorted[a:b])
+                np.maximum.at(sketch.registers, register, rank)
 
     # -- time -----------------------------------------------------------------------------
     def advance(self, now_ms: int) -> Step:
@@ -683,6 +711,23 @@ class WindowEngine:
                         int(count), restored, bool(group_final), int(revision)
                     )
         self.mark_all_dirty()
+
+
+def _take_pylist(column: pa.ChunkedArray, rows: np.ndarray) -> list[Any]:
+    """``column.take(rows).to_pylist()`` chunk by chunk: a take across
+    chunks would first concatenate the whole column."""
+    if column.num_chunks == 1:
+        return column.chunk(0).take(pa.array(rows)).to_pylist()
+    ends = np.cumsum([len(chunk) for chunk in column.chunks])
+    chunk_of = np.searchsorted(ends, rows, side="right")
+    out: list[Any] = [None] * len(rows)
+    for index in np.unique(chunk_of).tolist():
+        where = np.flatnonzero(chunk_of == index)
+        local = rows[where] - (ends[index - 1] if index else 0)
+        values = column.chunk(index).take(pa.array(local)).to_pylist()
+        for position, value in zip(where.tolist(), values, strict=True):
+            out[position] = value
+    return out
 
 
 def _definition(metric: Metric) -> str:
