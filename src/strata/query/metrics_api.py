@@ -52,6 +52,8 @@ _BUCKET_SQL = {
 }
 ACTIVE_WINDOWS = {"1d": 1, "7d": 7, "30d": 30}
 MAX_FUNNEL_STEPS = 500  # a request-size bound, not a semantic one
+FUNNEL_STEPS_PER_LEVEL = 8  # steps per subquery level of funnel_sql_steps
+FAST_FUNNEL_MAX_STEPS = 64  # beyond: funnel_sql_fold (planning cost, see funnel_sql_steps)
 MAX_RETENTION_DAYS = 366
 
 
@@ -510,8 +512,96 @@ def _step_condition(index: int, step: Any, parameters: dict[str, Any]) -> str:
 
 
 def funnel_sql(conditions: list[str], window_ms: int, breakdown: str | None) -> str:
-    """The funnel query for ``len(conditions)`` steps (docs/query.md,
-    "Funnels"). Per user, events are sorted by (time, matched steps) and
+    """The funnel query (docs/query.md, "Funnels"): ``funnel_sql_steps`` up
+    to FAST_FUNNEL_MAX_STEPS steps, ``funnel_sql_fold`` beyond; both give
+    the same answers (tests/test_query_perf_paths.py)."""
+    if len(conditions) <= FAST_FUNNEL_MAX_STEPS:
+        return funnel_sql_steps(conditions, window_ms, breakdown)
+    return funnel_sql_fold(conditions, window_ms, breakdown)
+
+
+def funnel_sql_steps(conditions: list[str], window_ms: int, breakdown: str | None) -> str:
+    """The fast funnel query for ``len(conditions)`` steps. Per user, matching events are sorted by (time, matched
+    steps); ``chain_k[i]`` is the latest start of a chain that reached step
+    k by event i within the window (-1: none). It is one vectorized pass per
+    step, no per-event lambda loop: because ``chain_k <= chain_(k-1)`` at
+    every event and both only grow, event i extends a chain to step k
+    exactly when it matches step k and ``chain_(k-1)`` *before* i (the
+    array shifted by one) started within the window; ``arrayFill`` carries
+    the latest such start forward. Time to convert step k is the time of
+    the first event that reached it minus that chain's start.
+
+    ClickHouse expands aliases, so a SELECT holding chains 1..k costs k^2
+    tree nodes; every FUNNEL_STEPS_PER_LEVEL steps the chains so far are
+    passed up through a subquery as plain columns. Planning still grows
+    faster than the steps (about 0.5 s at 64 steps, 8 s at 300 on this
+    machine), hence FAST_FUNNEL_MAX_STEPS. Only step conditions and the window are
+    inlined: conditions are built from bound parameters, the rest are ints."""
+    n = len(conditions)
+    w = int(window_ms)
+    first_step = f"({conditions[0]} AND ts < parseDateTime64BestEffort({{end:String}}, 3, 'UTC'))"
+    matched = ", ".join(
+        f"if({first_step if i == 0 else c}, {i + 1}, 0)" for i, c in enumerate(conditions)
+    )
+    any_step = " OR ".join(conditions)
+    group = f"argMinIf(toString({breakdown}), ts, has(matched, 1))" if breakdown else "''"
+
+    def chain(k: int) -> str:
+        if k == 1:
+            return "arrayFill(x -> x >= 0, arrayMap((t, m) -> if(has(m, 1), t, -1), times, steps))"
+        return (
+            f"arrayFill(x -> x >= 0, arrayMap((t, m, s) -> "
+            f"if(has(m, {k}) AND s >= 0 AND t - s <= {w}, s, -1), times, steps, "
+            f"arrayPushFront(arrayPopBack(chain_{k - 1}), -1)))"
+        )
+
+    per_user = f"""
+    SELECT distinct_id, {group} AS grp,
+        arraySort(x -> (x.1, x.2), groupArray((toUnixTimestamp64Milli(ts), matched))) AS ordered,
+        arrayMap(x -> x.1, ordered) AS times,
+        arrayMap(x -> x.2, ordered) AS steps,
+        {chain(1)} AS chain_1
+    FROM (
+        SELECT distinct_id, ts, {breakdown or "''"} AS {breakdown or "_nothing"},
+               arrayFilter(x -> x > 0, [{matched}]) AS matched
+        FROM events
+        WHERE ts >= parseDateTime64BestEffort({{start:String}}, 3, 'UTC')
+          AND ts < parseDateTime64BestEffort({{until:String}}, 3, 'UTC')
+          AND ({any_step})
+    )
+    WHERE notEmpty(matched)
+    GROUP BY distinct_id
+    HAVING chain_1[-1] >= 0"""
+    for first in range(2, n + 1, FUNNEL_STEPS_PER_LEVEL):
+        ks = range(first, min(n, first + FUNNEL_STEPS_PER_LEVEL - 1) + 1)
+        per_user = (
+            f"SELECT *, {', '.join(f'{chain(k)} AS chain_{k}' for k in ks)} FROM ({per_user})"
+        )
+    reached = ", ".join(f"chain_{k}[-1] >= 0" for k in range(1, n + 1))
+    to_convert = ", ".join(
+        f"arrayFirst(x -> x >= 0, arrayMap((t, s) -> if(s >= 0, t - s, -1), times, chain_{k}))"
+        for k in range(1, n + 1)
+    )
+    return f"""
+SELECT grp, k AS level, countIf(reached[k]) AS users,
+       avgIf(to_convert[k], reached[k]) AS avg_ms,
+       medianIf(to_convert[k], reached[k]) AS median_ms
+FROM (
+    SELECT grp, [{reached}] AS reached, [{to_convert}] AS to_convert
+    FROM ({per_user})
+)
+ARRAY JOIN range(1, {n + 1}) AS k
+GROUP BY grp, k
+ORDER BY grp, k
+"""
+
+
+def funnel_sql_fold(conditions: list[str], window_ms: int, breakdown: str | None) -> str:
+    """The general funnel query, for any number of steps; ``funnel_sql``
+    uses it beyond FAST_FUNNEL_MAX_STEPS. Same answers as
+    ``funnel_sql_steps`` (tests/test_query_perf_paths.py), but the fold runs
+    its lambda once per event of the longest per-user array, so one heavy
+    user makes it slow (seconds at 20M events). Per user, events are sorted by (time, matched steps) and
     folded: ``acc[k]`` is the latest start of a chain that reached step k
     within the window (-1: none), ``acc[N + k]`` the time that chain took
     when step k was first reached. Only step conditions and the window are
@@ -552,6 +642,7 @@ FROM (
         FROM events
         WHERE ts >= parseDateTime64BestEffort({{start:String}}, 3, 'UTC')
           AND ts < parseDateTime64BestEffort({{until:String}}, 3, 'UTC')
+          AND ({" OR ".join(conditions)})
     )
     WHERE notEmpty(matched)
     GROUP BY distinct_id
