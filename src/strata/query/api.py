@@ -157,6 +157,8 @@ class CoreAPI:
             "cache": meta.get("cache"),
             **_completeness(meta),
             "live_windows": meta.get("live_windows"),
+            "live_buckets": meta.get("live_buckets", 0),
+            "live_from": meta.get("live_from"),
             "elapsed_ms": round(elapsed, 3),
         }
 

@@ -37,7 +37,7 @@ from typing import Any, cast
 
 from sqlglot import exp
 
-from strata.metrics import Aggregation, Metric
+from strata.metrics import STRING_COLUMNS, Aggregation, Metric
 
 MINUTE_MS = 60_000
 FIVE_MINUTES_MS = 5 * MINUTE_MS
@@ -133,9 +133,13 @@ class Route:
     metric: str | None = None
     table: str = "events"
     rejected: dict[str, str] = field(default_factory=dict)
+    # Rollup routes only: what merging the serving store's live windows needs.
+    shape: LiveShape | None = field(default=None, compare=False)
+    # Filled by the query service: whether and how live windows are merged.
+    live: dict[str, Any] | None = field(default=None, compare=False)
 
     def explain(self) -> dict[str, Any]:
-        return {
+        out = {
             "served_from": self.served_from,
             "reason": self.reason,
             "metric": self.metric,
@@ -144,6 +148,35 @@ class Route:
             "time_range": {"from_ms": self.time_range.start_ms, "to_ms": self.time_range.end_ms},
             "candidates_rejected": self.rejected,
         }
+        if self.live is not None:
+            out["live_windows"] = self.live
+        return out
+
+
+@dataclass(frozen=True)
+class LiveShape:
+    """The outer shape of a rollup-routed query, as the live-window merge
+    (``strata.query.live``) needs it. Built by the router, never executed here.
+
+    ``projections``: per output column, its name and either the index of the
+    metric aggregation it shows (a bare aggregate) or its non-aggregate
+    expression. ``group``: the GROUP BY expressions with aliases and positions
+    resolved; ``time_group``: which of them are time buckets. ``order``:
+    (output column index, descending). ``unsupported``: why the live windows
+    cannot be merged safely ("" when they can)."""
+
+    metric: Metric
+    select: exp.Select
+    start_ms: int | None
+    end_ms: int | None
+    filters: tuple[exp.Expression, ...]
+    projections: tuple[tuple[str, int | None, exp.Expression | None], ...]
+    group: tuple[exp.Expression, ...]
+    time_group: tuple[bool, ...]
+    order: tuple[tuple[int, bool], ...]
+    limit: int | None
+    offset: int
+    unsupported: str = ""
 
 
 class NotAnswerable(Exception):
@@ -621,7 +654,142 @@ class Router:
             f"metric {metric.name}: filters, group-bys and aggregates match; "
             f"{'day' if granularity == '1d' else '5-minute'}-aligned buckets and bounds"
         )
-        return Route(f"rollup_{granularity}", reason, sql, time_range, metric.name, table)
+        shape = self._live_shape(select, metric, bounds, kept, aliases)
+        return Route(
+            f"rollup_{granularity}", reason, sql, time_range, metric.name, table, shape=shape
+        )
+
+    def reroute(self, shape: LiveShape, end_ms: int, now_ms: int | None = None) -> Route:
+        """The rollup route for ``shape``'s query restricted to ``ts < end_ms``,
+        without ORDER BY, LIMIT and OFFSET (the caller applies those after
+        adding the live buckets). Raises NotAnswerable."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        select = shape.select.copy()
+        for key in ("order", "limit", "offset"):
+            select.set(key, None)
+        bound = exp.LT(this=exp.column("ts"), expression=_datetime_literal(end_ms))
+        where = select.args.get("where")
+        condition = bound if where is None else exp.and_(exp.paren(where.this), bound)
+        select.set("where", exp.Where(this=condition))
+        return self._rewrite(select, shape.metric, now_ms, find_time_range(select, now_ms))
+
+    @staticmethod
+    def _live_shape(
+        select: exp.Select,
+        metric: Metric,
+        bounds: _TimeBounds,
+        kept: list[exp.Expression],
+        aliases: dict[str, exp.Expression],
+    ) -> LiveShape:
+        """Describe the outer shape; ``unsupported`` says why live windows
+        cannot be merged into it without risking a wrong number."""
+        by_key = {(a.function, a.column): i for i, a in enumerate(metric.aggregations)}
+        count_index = next(
+            (i for i, a in enumerate(metric.aggregations) if a.function == "count"), None
+        )
+        problems: list[str] = []
+        if select.args.get("having") is not None:
+            problems.append("HAVING filters on merged values")
+        for dimension in metric.dimensions:
+            if dimension not in STRING_COLUMNS:
+                problems.append(f"dimension {dimension!r} is not a string column")
+        projections: list[tuple[str, int | None, exp.Expression | None]] = []
+        inner_texts: dict[str, int] = {}
+        for i, projection in enumerate(select.expressions):
+            inner = projection.this if isinstance(projection, exp.Alias) else projection
+            if isinstance(projection, exp.Alias):
+                name = projection.alias
+            elif isinstance(projection, exp.Column):
+                name = projection.name
+            else:
+                name = projection.sql(dialect="clickhouse", comments=False)
+            inner_texts.setdefault(inner.sql(dialect="clickhouse", comments=False), i)
+            if isinstance(inner, exp.AggFunc):
+                key = _aggregate_key(inner)
+                position = count_index if key and key[0] == "count" else by_key.get(key)  # type: ignore[arg-type]
+                projections.append((name, position, None))
+            elif any(isinstance(n, exp.AggFunc) for n in inner.walk()):
+                problems.append(f"expression over aggregates {name!r}")
+                projections.append((name, None, inner))
+            elif isinstance(inner, exp.Star):
+                problems.append("SELECT *")
+                projections.append((name, None, inner))
+            else:
+                projections.append((name, None, inner))
+        names = [p[0] for p in projections]
+        group: list[exp.Expression] = []
+        group_node = select.args.get("group")
+        for expression in group_node.expressions if group_node is not None else []:
+            if isinstance(expression, exp.Literal) and not expression.is_string:
+                position = int(str(expression.this)) - 1
+                if not 0 <= position < len(projections) or projections[position][2] is None:
+                    problems.append(f"GROUP BY {expression.this}: not a non-aggregate column")
+                    continue
+                expression = cast(exp.Expression, projections[position][2])
+            elif (
+                isinstance(expression, exp.Column)
+                and not expression.table
+                and expression.name in aliases
+                and expression.name not in metric.dimensions
+            ):
+                expression = aliases[expression.name]
+            group.append(expression)
+        time_group: list[bool] = []
+        for expression in group:
+            uses_ts = any(isinstance(n, exp.Column) and _is_ts(n) for n in expression.walk())
+            uses_dims = any(
+                isinstance(n, exp.Column) and n.name in metric.dimensions for n in expression.walk()
+            )
+            if uses_ts and uses_dims:
+                problems.append("a GROUP BY expression mixes time and dimensions")
+            time_group.append(uses_ts)
+        order: list[tuple[int, bool]] = []
+        order_node = select.args.get("order")
+        for ordered in order_node.expressions if order_node is not None else []:
+            target = ordered.this
+            index: int | None = None
+            if isinstance(target, exp.Literal) and not target.is_string:
+                index = int(str(target.this)) - 1
+                index = index if 0 <= index < len(projections) else None
+            elif isinstance(target, exp.Column) and not target.table and target.name in names:
+                index = names.index(target.name)
+            else:
+                index = inner_texts.get(target.sql(dialect="clickhouse", comments=False))
+            if index is None or ordered.args.get("with_fill"):
+                problems.append(f"ORDER BY {target.sql('clickhouse')} is not an output column")
+                continue
+            order.append((index, bool(ordered.args.get("desc"))))
+        limit: int | None = None
+        offset = 0
+        limit_node = select.args.get("limit")
+        offset_node = select.args.get("offset")
+        for node, kind in ((limit_node, "LIMIT"), (offset_node, "OFFSET")):
+            if node is None:
+                continue
+            value = node.expression
+            if not (isinstance(value, exp.Literal) and not value.is_string) or any(
+                k != "expression" and v for k, v in node.args.items()
+            ):
+                problems.append(f"{kind} is not a plain number")
+                continue
+            if kind == "LIMIT":
+                limit = int(str(value.this))
+            else:
+                offset = int(str(value.this))
+        return LiveShape(
+            metric=metric,
+            select=select,
+            start_ms=bounds.start_ms,
+            end_ms=bounds.end_ms,
+            filters=tuple(kept),
+            projections=tuple(projections),
+            group=tuple(group),
+            time_group=tuple(time_group),
+            order=tuple(order),
+            limit=limit,
+            offset=offset,
+            unsupported="; ".join(problems),
+        )
 
     @staticmethod
     def _map_copy(original: exp.Expression, copy: exp.Expression) -> dict[int, int]:

@@ -15,6 +15,7 @@ range changed by late data (``Pipeline.on_revised`` calls it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -26,15 +27,18 @@ from strata.config import Config, parse_duration_ms
 from strata.query import sandbox
 from strata.query.cache import ResultCache, fingerprint, open_cache
 from strata.query.limits import QueryLimits, open_limits
+from strata.query.live import LiveMerger, LivePlan
 from strata.query.results import QueryResult
 from strata.query.router import Route, Router, TimeRange
 from strata.telemetry import REGISTRY
 
 log = logging.getLogger("strata.query")
 
+# ``live_windows`` of raw-path answers; rollup-path answers carry the
+# LiveMerger's note ("merged: ..." or "not merged: <reason>", decision 092).
 LIVE_WINDOWS_NOTE = (
-    "open windows are answered from the rollups/raw events as loaded so far; "
-    "the serving store's live windows are not merged in"
+    "not merged: the raw path answers from the events loaded so far; "
+    "the serving store's live windows are merged into rollup-routed answers only"
 )
 
 
@@ -63,13 +67,25 @@ class QueryService:
         config: Config,
         store_getter: Callable[[], Any],
         watermark: Callable[[], int | None],
+        serving: Callable[[], Any] | None = None,
     ) -> None:
+        """``serving()`` returns the processor's ServingStore when this
+        process runs one (None otherwise); live windows are merged from it,
+        or from a Redis serving store opened here (decision 092)."""
         self.config = config
         self._store = store_getter
         self.watermark = watermark
         self.router = Router(
             [m for m in self._metrics()],
             rollup_5m_ttl_ms=parse_duration_ms(config.store.rollup_5m_ttl),
+        )
+        self._serving_getter = serving
+        self._own_serving: Any = None
+        self.live = LiveMerger(
+            self.router,
+            self._serving_store,
+            config.log.partitions,
+            parse_duration_ms(config.processor.final_retention),
         )
         redis_url = config.query.redis_url or config.serving.redis_url
         self.cache: ResultCache = open_cache(
@@ -147,7 +163,10 @@ class QueryService:
         completeness = self.completeness(time_range)
         result.meta.update(completeness)
         result.meta["cache"] = "miss"
-        self.cache.put(key, result, self.ttl_for(completeness), time_range)
+        ttl = self.ttl_for(completeness)
+        if result.meta.get("live_buckets"):  # serving-store values move: decision 092
+            ttl = min(ttl, self.open_ttl_ms)
+        self.cache.put(key, result, ttl, time_range)
         return result
 
     def run(
@@ -166,18 +185,68 @@ class QueryService:
 
     # -- SQL ---------------------------------------------------------------------------
     def plan(self, text: str) -> tuple[Any, Route]:
-        """Sandbox-check and route ``text``; raises sandbox.SQLRejected."""
+        """Sandbox-check and route ``text``, with the live-window decision in
+        ``route.live`` (what ``"explain": true`` shows); raises
+        sandbox.SQLRejected."""
         tree = sandbox.check(text)
-        return tree, self.router.route(tree)
+        route = self.router.route(tree)
+        live = self.live.plan(route, self._query_rows)
+        if live is None:
+            return tree, dataclasses.replace(route, live={"note": LIVE_WINDOWS_NOTE})
+        return tree, dataclasses.replace(
+            route, live=live.explain(), served_from=self._served_from(route, live)
+        )
+
+    @staticmethod
+    def _served_from(route: Route, live: LivePlan | None) -> str:
+        """``rollup_5m+serving``, ``serving`` (the whole range is live) or the route's."""
+        if live is None or not live.merged:
+            return route.served_from
+        sources = [live.rollup.served_from] if live.rollup is not None else []
+        return "+".join([*sources, "serving"])
+
+    def _serving_store(self) -> Any:
+        if self._serving_getter is not None:
+            found = self._serving_getter()
+            if found is not None:
+                return found
+        if self.config.serving.backend != "redis":
+            return None  # a memory store lives only in the processor's process
+        if self._own_serving is None:
+            from strata.serving import open_serving
+
+            self._own_serving = open_serving(self.config)
+        return self._own_serving
+
+    def _query_rows(
+        self, sql: str, parameters: dict[str, Any] | None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        columns, rows = self.store.query_rows(sql, parameters, sql_settings(self.config))
+        return columns, rows
 
     def sql(self, user: str, text: str) -> QueryResult:
-        tree, route = self.plan(text)
+        tree = sandbox.check(text)
+        route = self.router.route(tree)
         normalized = normalize(tree)
 
         def compute() -> QueryResult:
-            result = self.run(user, route.sql, None, heavy=route.served_from == "raw")
+            started = time.perf_counter()
+            live = self.live.plan(route, self._query_rows)
+            if live is not None and live.merged:
+                result = self.live.execute(live, route, self._query_rows)
+                served_from = self._served_from(route, live)
+                result.meta["query_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            else:
+                result = self.run(user, route.sql, None, heavy=route.served_from == "raw")
+                served_from = route.served_from
+                result.meta["live_buckets"] = 0
             result.meta.update(
-                {"served_from": route.served_from, "reason": route.reason, "metric": route.metric}
+                {
+                    "served_from": served_from,
+                    "reason": route.reason,
+                    "metric": route.metric,
+                    "live_windows": live.note if live is not None else LIVE_WINDOWS_NOTE,
+                }
             )
             return result
 
@@ -194,3 +263,5 @@ class QueryService:
     def close(self) -> None:
         self.cache.close()
         self.limits.close()
+        if self._own_serving is not None:
+            self._own_serving.close()

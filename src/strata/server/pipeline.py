@@ -122,7 +122,12 @@ class Pipeline:
         if self._query is None:
             from strata.query.service import QueryService
 
-            self._query = QueryService(self.config, lambda: self.store, self.watermark_ms)
+            self._query = QueryService(
+                self.config,
+                lambda: self.store,
+                self.watermark_ms,
+                serving=lambda: getattr(self.components.get("processor"), "serving", None),
+            )
         return self._query
 
     def on_revised(self, start_ms: int, end_ms: int) -> None:
