@@ -27,6 +27,7 @@ from the rollup alone with ``live_windows: "not merged: <reason>"``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +39,8 @@ from strata.query.results import QueryResult
 from strata.query.router import LiveShape, NotAnswerable, Route, Router
 from strata.serving.base import ServingStore
 from strata.serving.state import WindowState, finalize, merge_values
+
+log = logging.getLogger("strata.query")
 
 # The live part never evaluates more than this many window starts at once.
 MAX_CANDIDATES = 200_000
@@ -156,7 +159,16 @@ class LiveMerger:
     # -- planning ------------------------------------------------------------------
     def plan(self, route: Route, run: RunSQL, now_ms: int | None = None) -> LivePlan | None:
         """None for raw routes (nothing to merge). Reads the serving store
-        and, for time-bucketed queries, asks the store where buckets start."""
+        and, for time-bucketed queries, asks the store where buckets start.
+        A serving store that fails is reported, never fatal: the rollup
+        answer stands (``not merged: serving store unavailable: ...``)."""
+        try:
+            return self._plan(route, run, now_ms)
+        except Exception as exc:  # noqa: BLE001 - any backend failure means "rollup only"
+            log.warning("live windows not merged: %s", exc, exc_info=True)
+            return _not_merged(f"serving store unavailable: {str(exc).splitlines()[0][:200]}")
+
+    def _plan(self, route: Route, run: RunSQL, now_ms: int | None) -> LivePlan | None:
         shape = route.shape
         if shape is None:
             return None
