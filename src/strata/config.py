@@ -123,6 +123,10 @@ class ProcessorConfig(_Section):
     # Finished windows stay in memory and in the serving store this long
     # (event time) after their final firing, to absorb late events.
     final_retention: str = "1h"
+    # Most (window, dimension values) groups held in memory over all metrics
+    # (0: no limit). At the limit, new groups are not kept live; their
+    # windows are answered from the rollups once finished (docs/semantics.md).
+    max_groups: int = 500_000
     # Partitions of topic "events" this processor owns (empty: all). Several
     # `strata process --partitions ...` split them statically.
     partitions: list[int] = []
@@ -349,6 +353,7 @@ def validate_config(config: Config) -> None:
         ("ingest.max_body_bytes", config.ingest.max_body_bytes >= 1024),
         ("ingest.hot_key_salt_buckets", config.ingest.hot_key_salt_buckets >= 1),
         ("loader.max_batch_events", config.loader.max_batch_events >= 1),
+        ("processor.max_groups", config.processor.max_groups >= 0),
         ("query.rate_limit_per_minute", config.query.rate_limit_per_minute >= 1),
         ("query.rate_limit_burst", config.query.rate_limit_burst >= 1),
         ("query.max_concurrent_heavy", config.query.max_concurrent_heavy >= 1),

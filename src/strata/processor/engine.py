@@ -108,12 +108,15 @@ class Step:
     late: list[LateEvent] = field(default_factory=list)
     revised: list[tuple[str, int, int]] = field(default_factory=list)
     evicted: list[tuple[str, str, int, tuple[str, ...]]] = field(default_factory=list)
+    # Revised ranges whose windows were evicted: nothing live is left to mark.
+    pruned_revised: list[tuple[str, int, int]] = field(default_factory=list)
 
     def extend(self, other: Step) -> None:
         self.finals.extend(other.finals)
         self.late.extend(other.late)
         self.revised.extend(other.revised)
         self.evicted.extend(other.evicted)
+        self.pruned_revised.extend(other.pruned_revised)
 
     def __bool__(self) -> bool:
         return bool(self.finals or self.late or self.revised or self.evicted)
@@ -131,6 +134,10 @@ class _MetricRuntime:
         self.scope = metric.filter_sql if self.mask is not None else ""
         self.watermark = NO_TIME
         self.slots: dict[int, _Slot] = {}
+        # Window starts that hit the group limit (bounded by held windows).
+        self.capped: set[int] = set()
+        # Revised window ranges still held (pruned when the window is evicted).
+        self.revised: set[tuple[int, int]] = set()
         self.dirty: set[tuple[int, tuple[str, ...]]] = set()
 
 
@@ -158,8 +165,17 @@ class WindowEngine:
         retention_ms: int,
         now_ms: int,
         shard: str = "all",
+        max_groups: int = 0,
     ) -> None:
+        """``max_groups``: most (window, dimension values) groups held over
+        all metrics (0: no limit); see ``_aggregate`` and docs/semantics.md,
+        "State size"."""
         self.metrics = [_MetricRuntime(m) for m in metrics]
+        self.max_groups = max_groups
+        self.groups_held = 0
+        # Events of groups not created because of max_groups (monotonic;
+        # restored from the checkpoint, so the counter replays exactly).
+        self.over_limit_events = 0
         self.by_name = {rt.metric.name: rt for rt in self.metrics}
         self.partitions = sorted(partitions)
         self.idle_timeout_ms = idle_timeout_ms
@@ -279,6 +295,7 @@ class WindowEngine:
                 self._aggregate(rt, table, rows[held], starts[held], cache, late=True)
                 for start in np.unique(starts[held]).tolist():
                     step.revised.append((metric.name, start, start + metric.window_ms))
+                    rt.revised.add((start, start + metric.window_ms))
         for rt in self.metrics:
             self._evict(rt, step)
         return step
@@ -479,13 +496,30 @@ class WindowEngine:
                 np.maximum.at(out, group_ids, values)
                 partials.append(out)
         # Merge the partial aggregates into the held groups.
-        states: list[GroupState] = []
+        # At the state limit a new group is not created: its window is
+        # marked capped, and no new group of a capped window is created
+        # until it is evicted, so every held group has all its events.
+        states: list[GroupState | None] = []
         for g, (start, dims) in enumerate(keys):
             slot = rt.slots.get(start)
             if slot is None:
                 slot = rt.slots[start] = _Slot(final=late)
             state = slot.groups.get(dims)
+            if state is None and (start in rt.capped or 0 < self.max_groups <= self.groups_held):
+                if start not in rt.capped:
+                    rt.capped.add(start)
+                    log.warning(
+                        "processor: metric %s window %d reached processor.max_groups (%d); "
+                        "its new groups are not kept live",
+                        metric.name,
+                        start,
+                        self.max_groups,
+                    )
+                self.over_limit_events += int(counts[g])
+                states.append(None)
+                continue
             if state is None:
+                self.groups_held += 1
                 values_init: list[Any] = []
                 for aggregation in metric.aggregations:
                     function = aggregation.function
@@ -511,6 +545,8 @@ class WindowEngine:
                 self._merge_uniq(states, i, group_ids, *partial)
                 continue
             for g, state in enumerate(states):
+                if state is None:
+                    continue
                 value = float(partial[g])
                 have = state.values[i]
                 if function in ("sum", "avg"):
@@ -524,7 +560,7 @@ class WindowEngine:
 
     @staticmethod
     def _merge_uniq(
-        states: list[GroupState],
+        states: list[GroupState | None],
         index: int,
         group_ids: np.ndarray,
         ranks: np.ndarray,
@@ -553,7 +589,10 @@ class WindowEngine:
         starts = np.concatenate([[0], bounds]).tolist()
         ends = np.concatenate([bounds, [len(g_sorted)]]).tolist()
         for a, b in zip(starts, ends, strict=True):
-            sketch = states[int(g_sorted[a])].values[index]
+            state = states[int(g_sorted[a])]
+            if state is None:
+                continue
+            sketch = state.values[index]
             if sketch.registers is None:
                 sketch.add_hashes(h_sorted[a:b])
             else:
@@ -598,7 +637,13 @@ class WindowEngine:
             for dims in sorted(rt.slots[start].groups):
                 step.evicted.append((rt.metric.name, self.shard, start, dims))
                 rt.dirty.discard((start, dims))
+            self.groups_held -= len(rt.slots[start].groups)
+            rt.capped.discard(start)
             del rt.slots[start]
+        for start, end in sorted(rt.revised):
+            if end + rt.metric.allowed_lateness_ms + self.retention_ms <= rt.watermark:
+                rt.revised.discard((start, end))
+                step.pruned_revised.append((rt.metric.name, start, end))
 
     # -- outputs --------------------------------------------------------------------------
     def _window_state(
@@ -649,6 +694,8 @@ class WindowEngine:
                 "open_windows": sum(1 for slot in rt.slots.values() if not slot.final),
                 "held_windows": len(rt.slots),
                 "groups": sum(len(slot.groups) for slot in rt.slots.values()),
+                "capped_windows": len(rt.capped),
+                "revised_ranges": len(rt.revised),
             }
             for rt in self.metrics
         }
@@ -675,10 +722,13 @@ class WindowEngine:
                 "definition": _definition(rt.metric),
                 "watermark": rt.watermark,
                 "windows": windows,
+                "capped": sorted(rt.capped),
+                "revised": [list(r) for r in sorted(rt.revised)],
             }
         return {
             "partitions": {str(p): [self.max_ts[p], self.last_active[p]] for p in self.partitions},
             "metrics": metrics,
+            "over_limit_events": self.over_limit_events,
         }
 
     def restore(self, snapshot: dict[str, Any]) -> None:
@@ -699,6 +749,8 @@ class WindowEngine:
                 log.warning("metric %s changed since the checkpoint; its live state restarts", name)
                 continue
             rt.watermark = int(data["watermark"])
+            rt.capped = {int(start) for start in data.get("capped", [])}
+            rt.revised = {(int(a), int(b)) for a, b in data.get("revised", [])}
             rt.slots = {}
             for start, final, groups in data["windows"]:
                 slot = rt.slots[int(start)] = _Slot(final=bool(final))
@@ -710,6 +762,10 @@ class WindowEngine:
                     slot.groups[tuple(dims)] = GroupState(
                         int(count), restored, bool(group_final), int(revision)
                     )
+        self.over_limit_events = int(snapshot.get("over_limit_events", 0))
+        self.groups_held = sum(
+            len(slot.groups) for rt in self.metrics for slot in rt.slots.values()
+        )
         self.mark_all_dirty()
 
 

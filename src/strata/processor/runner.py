@@ -174,6 +174,7 @@ class Processor:
             retention_ms=self.retention_ms,
             now_ms=now,
             shard=self.shard,
+            max_groups=self.config.processor.max_groups,
         )
 
     # -- checkpoint and journal -----------------------------------------------------------
@@ -371,6 +372,11 @@ class Processor:
             if step.finals or now - self.last_checkpoint_ms >= self.checkpoint_interval_ms:
                 self._early_firing(now)
                 self._checkpoint(now)
+            labels = {"shard": self.shard}
+            REGISTRY.set("strata_processor_groups", self.engine.groups_held, labels)
+            REGISTRY.set(
+                "strata_processor_over_limit_events_total", self.engine.over_limit_events, labels
+            )
         if not consumed and wait_s > 0:
             time.sleep(wait_s)
         return consumed
@@ -503,6 +509,8 @@ class Processor:
         with self._lock:
             metrics = self.engine.status()
             offsets = dict(self.offsets)
+            groups = self.engine.groups_held
+            over_limit = self.engine.over_limit_events
         lag = self.lag()
         REGISTRY.set("strata_log_lag_events", lag, {"consumer": f"processor-{self.shard}"})
         return {
@@ -512,6 +520,9 @@ class Processor:
             "lag_events": lag,
             "late_events": self.late_total,
             "final_windows": self.finals_total,
+            "groups": groups,
+            "max_groups": self.engine.max_groups,
+            "over_limit_events": over_limit,
             "metrics": metrics,
             "errors": self.errors,
             "last_error": self.last_error or None,

@@ -1,0 +1,199 @@
+"""State-size limits of the processor: ``processor.max_groups`` caps the
+(window, dimension values) groups held live, and revised ranges are pruned
+together with their windows (docs/semantics.md, "State size")."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from tests.fixtures_processor import fill_log
+
+from strata.config import ConfigError, MetricConfig, load_config
+from strata.loader.sinks import EVENTS_SINK
+from strata.log import open_log
+from strata.metrics import compile_metric
+from strata.processor.engine import WindowEngine, decode_snapshot, encode_snapshot
+from strata.processor.runner import Processor
+from strata.serving.memory import MemoryServingStore
+from strata.telemetry import REGISTRY
+
+MIN = 60_000
+BY_PATH = MetricConfig(
+    name="views_by_path",
+    filter="event_type = 'page_view'",
+    dimensions=["path"],
+    aggregations={"views": "count()", "users": "uniq(user_id)"},
+    window="1m",
+    out_of_orderness="0s",
+)
+
+
+def rows_for(count: int, paths: int, start_ms: int, span_ms: int, seed: int) -> list[dict]:
+    """``count`` page views over ``paths`` distinct paths in ``span_ms``."""
+    out = []
+    for i in range(count):
+        ts = start_ms + span_ms * i // count
+        out.append(
+            {
+                "event_id": f"{seed}-{i}",
+                "event_type": "page_view",
+                "user_id": f"u{(i * 7 + seed) % 13}",
+                "anonymous_id": "",
+                "distinct_id": f"u{(i * 7 + seed) % 13}",
+                "session_id": "",
+                "ts": ts,
+                "received_at": ts,
+                "country": "DE",
+                "platform": "web",
+                "os": "",
+                "app_version": "",
+                "path": f"/p/{(i * 31 + seed) % paths}",
+                "referrer": "",
+                "revenue": 0.0,
+                "currency": "",
+                "properties": "{}",
+            }
+        )
+    return out
+
+
+def make_engine(max_groups: int, retention_ms: int = 2 * MIN) -> WindowEngine:
+    return WindowEngine(
+        [compile_metric(BY_PATH)],
+        partitions=[0],
+        idle_timeout_ms=10**12,
+        retention_ms=retention_ms,
+        now_ms=0,
+        max_groups=max_groups,
+    )
+
+
+def held_counts(engine: WindowEngine) -> dict[tuple[int, tuple[str, ...]], int]:
+    return {(s.window_start, tuple(s.dims)): s.count for s in engine.all_states()}
+
+
+def test_groups_beyond_the_limit_are_not_held_and_held_groups_stay_exact() -> None:
+    limit = 60
+    engine = make_engine(limit)
+    truth: Counter[tuple[int, tuple[str, ...]]] = Counter()
+    fed = 0
+    peak = 0
+    # 30 one-minute windows, 200 distinct paths each: 6,000 groups in all.
+    for minute in range(30):
+        rows = rows_for(1000, 200, minute * MIN, MIN, seed=minute)
+        for i in range(0, len(rows), 250):  # several batches per window
+            part = rows[i : i + 250]
+            engine.process(0, pa.Table.from_pylist(part, schema=EVENTS_SINK.schema), 0)
+            fed += len(part)
+            peak = max(peak, engine.groups_held)
+            assert engine.groups_held <= limit
+            assert engine.groups_held == sum(m["groups"] for m in engine.status().values())
+        for row in rows:
+            truth[(row["ts"] // MIN * MIN, (row["path"],))] += 1
+    assert peak == limit
+    held = held_counts(engine)
+    # Every group that is held has all of its events: no partial counts.
+    for key, count in held.items():
+        assert count == truth[key], key
+    # Windows were evicted as the watermark moved (retention 2 min), so new
+    # windows got groups again; the rest is counted as over the limit.
+    assert engine.over_limit_events > 0
+    assert engine.over_limit_events < fed
+    status = engine.status()["views_by_path"]
+    assert status["capped_windows"] >= 1
+    assert status["held_windows"] <= 4
+
+
+def test_the_limit_survives_a_checkpoint() -> None:
+    engine = make_engine(40, retention_ms=60 * MIN)
+    rows = rows_for(600, 100, 0, MIN, seed=1)
+    engine.process(0, pa.Table.from_pylist(rows[:300], schema=EVENTS_SINK.schema), 0)
+    restored = make_engine(40, retention_ms=60 * MIN)
+    restored.restore(decode_snapshot(encode_snapshot(engine.snapshot())))
+    assert restored.groups_held == engine.groups_held == 40
+    assert restored.over_limit_events == engine.over_limit_events
+    rest = pa.Table.from_pylist(rows[300:], schema=EVENTS_SINK.schema)
+    engine.process(0, rest, 0)
+    restored.process(0, rest, 0)
+    assert held_counts(restored) == held_counts(engine)
+    assert restored.over_limit_events == engine.over_limit_events
+    # A path first seen after the cap is not held, even though it is new.
+    late_path = rows_for(1, 1, 30_000, 1, seed=5)
+    late_path[0]["path"] = "/new"
+    engine.process(0, pa.Table.from_pylist(late_path, schema=EVENTS_SINK.schema), 0)
+    assert (0, ("/new",)) not in held_counts(engine)
+
+
+def test_revised_ranges_are_pruned_with_their_windows_and_checkpointed() -> None:
+    engine = make_engine(0, retention_ms=2 * MIN)
+    on_time = rows_for(10, 2, 0, 10_000, seed=1)
+    engine.process(0, pa.Table.from_pylist(on_time, schema=EVENTS_SINK.schema), 0)
+    ahead = rows_for(1, 1, MIN + 5_000, 1, seed=2)  # watermark past the first window
+    engine.process(0, pa.Table.from_pylist(ahead, schema=EVENTS_SINK.schema), 0)
+    late = rows_for(1, 2, 20_000, 1, seed=3)
+    step = engine.process(0, pa.Table.from_pylist(late, schema=EVENTS_SINK.schema), 0)
+    assert step.revised == [("views_by_path", 0, MIN)]
+    assert engine.status()["views_by_path"]["revised_ranges"] == 1
+    restored = make_engine(0, retention_ms=2 * MIN)
+    restored.restore(decode_snapshot(encode_snapshot(engine.snapshot())))
+    assert restored.status()["views_by_path"]["revised_ranges"] == 1
+    # Once the window leaves retention, its revised range goes with it.
+    far = rows_for(1, 1, 4 * MIN, 1, seed=4)
+    pruned = []
+    for e in (engine, restored):
+        step = e.process(0, pa.Table.from_pylist(far, schema=EVENTS_SINK.schema), 0)
+        pruned.append(step.pruned_revised)
+        assert e.status()["views_by_path"]["revised_ranges"] == 0
+    assert pruned[0] == pruned[1] == [("views_by_path", 0, MIN)]
+
+
+def test_max_groups_must_not_be_negative(tmp_path: Any) -> None:
+    with pytest.raises(ConfigError, match="processor.max_groups"):
+        load_config(overrides={"data_dir": str(tmp_path), "processor.max_groups": -1})
+
+
+def test_the_processor_reports_the_limit_in_status_and_metrics(tmp_path: Any) -> None:
+    config = load_config(
+        overrides={
+            "data_dir": str(tmp_path),
+            "log.partitions": 2,
+            "log.fsync": "never",
+            "processor.max_groups": 50,
+            "processor.max_batch_events": 500,
+            "metrics": [
+                {
+                    "name": BY_PATH.name,
+                    "filter": BY_PATH.filter,
+                    "dimensions": BY_PATH.dimensions,
+                    "aggregations": BY_PATH.aggregations,
+                    "window": BY_PATH.window,
+                    "out_of_orderness": BY_PATH.out_of_orderness,
+                }
+            ],
+        }
+    )
+    rows = [r for m in range(5) for r in rows_for(400, 150, m * MIN, MIN, seed=m)]
+    fill_log(config, rows)
+    log = open_log(config)
+    processor = Processor(config, log, MemoryServingStore())
+    try:
+        while processor.lag():
+            processor.run_once(wait_s=0)
+            assert processor.status()["groups"] <= 50
+        processor.flush()
+        status = processor.status()
+        assert status["max_groups"] == 50
+        assert status["over_limit_events"] > 0
+        exposed = REGISTRY.render().splitlines()
+        shard = f'{{shard="{processor.shard}"}}'
+        assert f"strata_processor_groups{shard} {status['groups']}" in exposed
+        assert (
+            f"strata_processor_over_limit_events_total{shard} {status['over_limit_events']}"
+            in exposed
+        )
+    finally:
+        processor.close()
+        log.close()
