@@ -9,6 +9,7 @@ rollup answer and say so."""
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -21,9 +22,14 @@ from starlette.testclient import TestClient
 from tests.fixtures_processor import BASE_MS, fill_log, make_events
 
 from strata.config import load_config
+from strata.processor.runner import Processor
 from strata.query import sandbox
 from strata.query.api import CoreAPI, core_routes
+from strata.query.live import LiveMerger
 from strata.server.pipeline import Pipeline
+from strata.serving import open_serving
+from strata.serving.memory import MemoryServingStore
+from strata.serving.redis import RedisServingStore
 from strata.serving.state import finalize, merge_values
 
 ADMIN = "adm_router_live"
@@ -38,8 +44,7 @@ def _ms(value: Any) -> int:
     return int(value.replace(tzinfo=UTC).timestamp() * 1000)
 
 
-def _drain_processor(pipeline: Pipeline) -> None:
-    processor = pipeline.components["processor"]
+def _drain_processor(processor: Processor) -> None:
     while processor.lag():
         processor.run_once(wait_s=0)
     processor.flush()
@@ -52,10 +57,18 @@ def _drain_loader(pipeline: Pipeline) -> None:
 
 
 class Env:
-    def __init__(self, pipeline: Pipeline, client: TestClient, events: list[dict]) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        client: TestClient,
+        events: list[dict],
+        processors: list[Processor],
+    ) -> None:
         self.pipeline = pipeline
         self.client = client
         self.events = events
+        self.processors = processors
+        self.serving = processors[0].serving
         self.headers = {"Authorization": f"Bearer {ADMIN}"}
 
     def sql(self, text: str, **extra: Any) -> dict[str, Any]:
@@ -67,6 +80,10 @@ class Env:
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """memory: the embedded processor (shard ``all``) next to the query
+    service. redis: two processors on partitions 0-1 and 2-3 (shards
+    ``p0-1``, ``p2-3``) and no processor in the query's process, which
+    reads the Redis serving store on its own connection."""
     overrides: dict[str, Any] = {
         "data_dir": str(tmp_path_factory.mktemp(f"router_live_{request.param}")),
         "auth.admin_tokens": [ADMIN],
@@ -79,21 +96,37 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         overrides["serving.backend"] = "redis"
         overrides["serving.redis_url"] = request.getfixturevalue("redis_url")
         overrides["serving.redis_prefix"] = f"live{uuid.uuid4().hex[:8]}:"
+        overrides["processor.embedded"] = False  # processors are separate shards
     config = load_config(overrides=overrides, environ={})
     events = make_events(6000, seed=11)
     loaded = int(len(events) * 0.6)
     fill_log(config, events[:loaded])
     pipeline = Pipeline.open(config)
-    # The loader stops after the first 60 % of the log; the processor reads all.
+    if request.param == "memory":
+        processors = [pipeline.components["processor"]]
+    else:
+        processors = [
+            Processor(config, pipeline.log, open_serving(config), partitions=shard)
+            for shard in ([0, 1], [2, 3])
+        ]
+    # The loader stops after the first 60 % of the log; the processors read all.
     _drain_loader(pipeline)
     fill_log(config, events[loaded:])
-    processor = pipeline.components["processor"]
-    _drain_processor(pipeline)
-    assert processor.lag() == 0 and pipeline.loaders["events"].lag() > 0
+    for processor in processors:
+        _drain_processor(processor)
+        assert processor.lag() == 0
+    assert pipeline.loaders["events"].lag() > 0
+    assert sorted(processors[0].serving.progress()) == (
+        ["all"] if request.param == "memory" else ["p0-1", "p2-3"]
+    )
     app = Starlette(routes=core_routes(CoreAPI(pipeline)))
     with TestClient(app) as client:
-        yield Env(pipeline, client, events)
-    processor.serving.clear()
+        yield Env(pipeline, client, events, processors)
+    processors[0].serving.clear()
+    if request.param == "redis":
+        for processor in processors:
+            processor.close()
+            processor.serving.close()
     pipeline.stop()
 
 
@@ -123,10 +156,9 @@ def reference(events: list[dict], step: int = FIVE_MINUTES) -> dict[tuple[int, s
 
 def serving_reference(env: Env, start: int, end: int) -> dict[tuple[int, str], tuple]:
     """(bucket, country) -> (views, users) merged from the serving store."""
-    processor = env.pipeline.components["processor"]
-    metric = processor.metrics_by_name["page_views_by_country"]
+    metric = env.processors[0].metrics_by_name["page_views_by_country"]
     groups = defaultdict(list)
-    for state in processor.serving.windows(metric.name, start, end):
+    for state in env.serving.windows(metric.name, start, end):
         groups[(state.window_start // FIVE_MINUTES * FIVE_MINUTES, state.dims[0])].append(state)
     out = {}
     for key, members in groups.items():
@@ -268,8 +300,8 @@ def test_answers_with_live_buckets_are_not_cached_long(env: Env) -> None:
     watermark = _ms_iso(body["complete_until"].split(".")[0] + "Z")
     # Complete (end before the watermark) yet from the serving store: the
     # open-range TTL (0 s here) applies, not the 600 s one.
-    end = live_from + 30 * 60_000
-    assert end <= watermark
+    end = min(live_from + 30 * 60_000, watermark // FIVE_MINUTES * FIVE_MINUTES)
+    assert end > live_from
     complete_live = page_views(live_from, end).replace(" AS n,", " AS views,")
     first = env.sql(complete_live)
     assert first["open_windows"] is False and first["live_buckets"] > 0
@@ -278,6 +310,55 @@ def test_answers_with_live_buckets_are_not_cached_long(env: Env) -> None:
     early = page_views(BASE_MS, BASE_MS + 30 * 60_000).replace(" AS n,", " AS views,")
     assert env.sql(early)["live_buckets"] == 0
     assert env.sql(early)["cache"] == "hit"
+
+
+def test_ungrouped_aggregate_over_held_windows(env: Env) -> None:
+    live_from = _ms_iso(env.sql(page_views())["live_from"])
+    body = env.sql(
+        "SELECT count() AS n, uniq(distinct_id) AS u, sum(revenue) AS r, avg(revenue) AS a "
+        f"FROM events WHERE revenue > 0 AND ts >= '{_utc(live_from)}' AND ts < '{_utc(END_MS)}'"
+    )
+    assert body["served_from"] == "serving", body["live_windows"]
+    chosen = [
+        e["revenue"] for e in env.events if e["revenue"] > 0 and live_from <= e["ts"] < END_MS
+    ]
+    buyers = {
+        e["distinct_id"] for e in env.events if e["revenue"] > 0 and live_from <= e["ts"] < END_MS
+    }
+    [[n, u, r, a]] = body["rows"]
+    assert (n, u) == (len(chosen), len(buyers))
+    assert r == pytest.approx(sum(chosen), rel=1e-12)
+    assert a == pytest.approx(sum(chosen) / len(chosen), rel=1e-12)
+
+
+def _merger(env: Env, serving: Any) -> LiveMerger:
+    service = env.pipeline.query
+    return LiveMerger(service.router, lambda: serving, 4, service.live.retention_ms)
+
+
+def test_overlapping_shards_and_a_dead_serving_store_are_not_merged(env: Env) -> None:
+    service = env.pipeline.query
+    route = service.router.route(sandbox.check(page_views()))
+    # A copy of the serving store plus the progress of a stale shard that
+    # owned every partition: its windows would double count.
+    copy = MemoryServingStore()
+    copy.put_windows(env.serving.windows("page_views_by_country", 0, 2**62))
+    for shard, watermarks in env.serving.progress().items():
+        copy.set_progress(shard, watermarks)
+    assert _merger(env, copy).plan(route, service._query_rows).merged  # type: ignore[union-attr]
+    copy.set_progress(
+        "p9" if "all" in env.serving.progress() else "all", {"page_views_by_country": 1}
+    )
+    plan = _merger(env, copy).plan(route, service._query_rows)
+    assert plan is not None and not plan.merged and "exactly once" in plan.note
+    # Nothing listens on this port: the rollup answer stands.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dead = RedisServingStore(f"redis://127.0.0.1:{port}/0", prefix="dead:")
+    plan = _merger(env, dead).plan(route, service._query_rows)
+    assert plan is not None and plan.note.startswith("not merged: serving store unavailable")
+    dead.close()
 
 
 def test_after_the_loader_catches_up_equals_raw(env: Env) -> None:
