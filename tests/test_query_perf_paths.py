@@ -18,10 +18,11 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
-from tests.fixtures_query import DAY_MS, base_day_ms, load, make_rows
+from tests.fixtures_query import DAY_MS, CountingStore, base_day_ms, load, make_rows
 from tests.test_query_api import _step_row, iso, ref_dau, ref_funnel
 
 from strata.config import load_config
@@ -210,3 +211,125 @@ def test_many_step_funnel_counts_every_level(env: Env) -> None:
     got = [s["users"] for s in body["rows"][0]["steps"]]
     assert got == [max(0, min(6, n - k)) for k in range(n)]
     assert got[-1] == 1 and got[n - 6] == 6
+
+
+# -- DAU: per-day cache of complete days -------------------------------------------------------
+def test_dau_caches_complete_days_and_late_data_revises_them(env: Env) -> None:
+    from strata.query.service import QueryService
+
+    base = env.base + 12 * DAY_MS
+    rows = make_rows(1500, start_ms=base, span_ms=6 * DAY_MS, users=70, seed=21, id_prefix="d")
+    env.add(rows, "dau-1")
+    watermark = [base + 4 * DAY_MS + 3_600_000]  # days 0-3 complete, 4-5 open
+    pipeline = env.pipeline
+    counting = CountingStore(pipeline.store)
+    # Open ranges are not cached here, so every request queries its open days.
+    config = msgspec.structs.replace(
+        pipeline.config,
+        query=msgspec.structs.replace(pipeline.config.query, open_range_cache_ttl="0s"),
+    )
+    pipeline._query = QueryService(config, lambda: counting, lambda: watermark[0])
+    bob = pipeline.keyring.create_token("bob", ["metrics"])
+    start, end = base, base + 6 * DAY_MS
+    params = {"from": iso(start), "to": iso(end)}
+
+    def dau(token: str = ADMIN, query: dict[str, str] = params) -> dict[str, Any]:
+        response = env.client.get(
+            "/v1/metrics/dau", params=query, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def values(body: dict[str, Any]) -> dict[str, int]:
+        return {r["day"]: r["users"] for r in body["rows"]}
+
+    first = dau()
+    assert values(first) == ref_dau(env.rows, start, end)
+    assert first["cache"] == "miss" and first["granules_cached"] == 0
+    assert first["served_from"] == "rollup_1d"
+    assert first["complete_until"] == iso(watermark[0]) and first["open_windows"] is True
+    assert first["revised"] is False
+
+    queries = counting.queries
+    second = dau()
+    assert values(second) == values(first)
+    assert second["cache"] == "miss" and second["granules_cached"] == 4
+    assert second["granules_computed"] == 2 and second["served_from"] == "rollup_1d"
+    assert counting.queries == queries + 1  # the two open days only
+    assert dau(bob)["granules_cached"] == 0  # never another user's entries
+
+    # A late event for day 1 from a new user: the next answer counts it.
+    day1 = base + DAY_MS + 7_200_000
+    late = make_rows(1, start_ms=day1, span_ms=1, users=1, seed=22, id_prefix="late")
+    late[0]["distinct_id"] = late[0]["user_id"] = "late-user"
+    env.add(late, "dau-late")
+    pipeline.on_late_rows([day1])
+    revised = dau()
+    day = iso(day1)[:10]
+    assert values(revised)[day] == values(first)[day] + 1
+    assert values(revised) == ref_dau(env.rows, start, end)
+    assert revised["revised"] is True and revised["granules_cached"] == 3
+
+    # A range that is complete: every day from the cache, no store query.
+    closed = {"from": iso(start), "to": iso(base + 4 * DAY_MS)}
+    dau(query=closed)
+    queries = counting.queries
+    body = dau(query=closed)
+    assert body["cache"] == "hit" and body["open_windows"] is False
+    assert counting.queries == queries
+    assert values(body) == ref_dau(env.rows, start, base + 4 * DAY_MS)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_cache_get_many_in_order_and_after_invalidation(backend: str, redis_url: str) -> None:
+    from strata.query.cache import MemoryCache, RedisCache, ResultCache, fingerprint
+    from strata.query.results import QueryResult
+    from strata.query.router import TimeRange
+
+    cache: ResultCache = (
+        MemoryCache() if backend == "memory" else RedisCache(redis_url, prefix="strata:gm:")
+    )
+    cache.clear()
+    try:
+        ranges = [TimeRange(d * DAY_MS, (d + 1) * DAY_MS) for d in range(5)]
+        keys = [fingerprint("dau", r, "alice", "dau:granule") for r in ranges]
+        for day, (key, time_range) in enumerate(zip(keys, ranges, strict=True)):
+            if day != 2:
+                cache.put(key, QueryResult(["users"], [(day,)]), 60_000, time_range)
+        got = cache.get_many(keys)
+        assert [g.rows if g else None for g in got] == [[(0,)], [(1,)], None, [(3,)], [(4,)]]
+        assert cache.invalidate(3 * DAY_MS + 5, 3 * DAY_MS + 6) == 1
+        got = cache.get_many(keys)
+        assert [g is not None for g in got] == [True, True, False, False, True]
+        assert cache.get_many([]) == []
+    finally:
+        cache.clear()
+        cache.close()
+
+
+def test_revenue_and_top_revenue_on_the_raw_path(env: Env) -> None:
+    """``path`` is no rollup dimension, so these run on raw events (where a
+    ``sum(revenue) AS revenue`` alias once broke ``WHERE revenue > 0``)."""
+    base = env.base + 30 * DAY_MS
+    rows = make_rows(600, start_ms=base, span_ms=DAY_MS, users=30, seed=31, id_prefix="rv")
+    env.add(rows, "revenue-raw")
+    params = {"from": iso(base), "to": iso(base + DAY_MS), "filter.path": "/"}
+    mine = [r for r in rows if r["path"] == "/" and r["revenue"] > 0]
+    response = env.client.get("/v1/metrics/revenue", params=params, headers=env.headers)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["served_from"] == "raw"
+    assert [(r["revenue"], r["orders"]) for r in body["rows"]] == [
+        (sum(r["revenue"] for r in mine), len(mine))
+    ]
+    response = env.client.get(
+        "/v1/metrics/top",
+        params={**params, "dimension": "country", "measure": "revenue", "n": "10"},
+        headers=env.headers,
+    )
+    assert response.status_code == 200, response.text
+    by_country: dict[str, float] = defaultdict(float)
+    for r in mine:
+        by_country[r["country"]] += r["revenue"]
+    got = {r["value"]: r["revenue"] for r in response.json()["rows"]}
+    assert got == dict(by_country)

@@ -9,6 +9,7 @@ Contract (both backends):
 * ``put(key, value, ttl_ms, time_range)`` stores ``value``; the entry's
   time range is what ``invalidate(start_ms, end_ms)`` compares against
   (unbounded sides overlap everything).
+* ``get_many(keys)`` is ``get`` for several keys at once (Redis: one MGET).
 * ``invalidate(start_ms, end_ms)`` removes every entry whose range overlaps
   ``[start_ms, end_ms)`` and returns how many it removed. Late data calls
   it through ``Pipeline.on_revised`` (docs/query.md).
@@ -58,6 +59,10 @@ class ResultCache(ABC):
     @abstractmethod
     def get(self, key: str) -> QueryResult | None:
         """See the class docstring."""
+
+    def get_many(self, keys: list[str]) -> list[QueryResult | None]:
+        """``get`` for each key, in order (one round trip on Redis)."""
+        return [self.get(key) for key in keys]
 
     @abstractmethod
     def put(self, key: str, value: QueryResult, ttl_ms: int, time_range: TimeRange) -> None:
@@ -143,6 +148,12 @@ class RedisCache(ResultCache):
     def get(self, key: str) -> QueryResult | None:
         value = self.redis.get(self.prefix + key)
         return QueryResult.decode(bytes(value)) if value is not None else None
+
+    def get_many(self, keys: list[str]) -> list[QueryResult | None]:
+        if not keys:
+            return []
+        values = self.redis.mget([self.prefix + key for key in keys])
+        return [QueryResult.decode(bytes(v)) if v is not None else None for v in values]
 
     def put(self, key: str, value: QueryResult, ttl_ms: int, time_range: TimeRange) -> None:
         if ttl_ms <= 0:

@@ -61,6 +61,17 @@ def _utc(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
+def _day_ms(row: tuple[Any, ...]) -> int:
+    """Epoch ms of the day in a (day, ...) row."""
+    day = row[0]
+    if isinstance(day, datetime):
+        day = day.date()
+    return (day.toordinal() - _EPOCH_ORDINAL) * DAY_MS
+
+
 def _literal(value: str) -> str:
     return exp.Literal.string(value).sql(dialect="clickhouse")
 
@@ -230,11 +241,7 @@ class MetricsAPI:
         days = ACTIVE_WINDOWS[window]
         distinct = "uniqExact(distinct_id)" if exact else "uniq(distinct_id)"
         if days == 1:
-            sql = (
-                f"SELECT toDate(ts) AS day, {distinct} AS users FROM events "
-                f"WHERE {_where(start, end, filters)} GROUP BY day ORDER BY day"
-            )
-            result = await self._routed(user, sql, start, end)
+            result = await self._daily_active(user, start, end, filters, distinct)
         else:
             result = await self._rolling_active(user, start, end, days, filters, exact)
         rows = [{"day": _cell(row[0]), "users": row[1]} for row in result.rows]
@@ -247,7 +254,45 @@ class MetricsAPI:
             rows,
             window=window,
             distinct_count="exact" if exact else "uniqCombined (mergeable, approximate)",
+            **{
+                field: result.meta[field]
+                for field in ("granules_cached", "granules_computed")
+                if field in result.meta
+            },
         )
+
+    async def _daily_active(
+        self, user: str, start: int, end: int, filters: dict[str, str], distinct: str
+    ) -> QueryResult:
+        """DAU per day through the router, with complete days cached per day
+        (``QueryService.granule_cached``): a year's series merges only the
+        days it has not seen and the open ones."""
+
+        def compute(lower: int, upper: int) -> QueryResult:
+            sql = (
+                f"SELECT toDate(ts) AS day, {distinct} AS users FROM events "
+                f"WHERE {_where(lower, upper, filters)} GROUP BY day ORDER BY day"
+            )
+            return self.service.sql(user, sql)
+
+        def run() -> QueryResult:
+            return self.service.granule_cached(
+                user=user,
+                kind="dau",
+                normalized=msgspec.json.encode({"filters": filters, "distinct": distinct}).decode(),
+                start_ms=start,
+                end_ms=end,
+                granule_ms=DAY_MS,
+                compute=compute,
+                granule_of=_day_ms,
+            )
+
+        from strata.query.limits import RateLimitExceeded
+
+        try:
+            return await run_in_threadpool(run)
+        except RateLimitExceeded as exc:
+            raise APIError(429, str(exc), {"Retry-After": "1"}) from exc
 
     async def _rolling_active(
         self, user: str, start: int, end: int, days: int, filters: dict[str, str], exact: bool
@@ -302,12 +347,15 @@ class MetricsAPI:
         keys = ["time", *group_by]
         sql = (
             f"SELECT {_BUCKET_SQL[granularity]} AS time{''.join(', ' + g for g in group_by)}, "
-            "sum(revenue) AS revenue, count() AS orders, uniq(distinct_id) AS buyers "
+            # Not ``AS revenue``: ClickHouse would substitute that alias
+            # into ``WHERE revenue > 0`` on the raw path.
+            "sum(revenue) AS revenue_total, count() AS orders, uniq(distinct_id) AS buyers "
             f"FROM events WHERE {_where(start, end, _filters(params), ['revenue > 0'])} "
             f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}"
         )
         result = await self._routed(user, sql, start, end)
-        rows = [dict(zip(result.columns, map(_cell, row), strict=True)) for row in result.rows]
+        names = ["revenue" if c == "revenue_total" else c for c in result.columns]
+        rows = [dict(zip(names, map(_cell, row), strict=True)) for row in result.rows]
         return self._response("revenue", result, start, end, rows, granularity=granularity)
 
     # -- top-N ---------------------------------------------------------------------------------
@@ -332,9 +380,9 @@ class MetricsAPI:
         aggregate, extra = expressions[measure]
         start, end = _range(params, 300_000)
         sql = (
-            f"SELECT {dimension} AS value, {aggregate} AS {measure} FROM events "
+            f"SELECT {dimension} AS value, {aggregate} AS total FROM events "
             f"WHERE {_where(start, end, _filters(params), extra)} GROUP BY value "
-            f"ORDER BY {measure} DESC, value LIMIT {n}"
+            f"ORDER BY total DESC, value LIMIT {n}"
         )
         result = await self._routed(user, sql, start, end)
         rows = [{"value": row[0], measure: row[1]} for row in result.rows]
