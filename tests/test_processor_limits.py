@@ -4,7 +4,9 @@ together with their windows (docs/semantics.md, "State size")."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -12,15 +14,19 @@ import pytest
 from tests.fixtures_processor import fill_log
 
 from strata.config import ConfigError, MetricConfig, load_config
-from strata.loader.sinks import EVENTS_SINK
+from strata.loader.loader import Loader
+from strata.loader.sinks import EVENTS_SINK, SINKS
 from strata.log import open_log
 from strata.metrics import compile_metric
 from strata.processor.engine import WindowEngine, decode_snapshot, encode_snapshot
 from strata.processor.runner import Processor
 from strata.serving.memory import MemoryServingStore
+from strata.store import Store
 from strata.telemetry import REGISTRY
 
 MIN = 60_000
+DAY = 86_400_000
+BASE = (int(time.time() * 1000) // DAY - 1) * DAY  # yesterday: inside every TTL
 BY_PATH = MetricConfig(
     name="views_by_path",
     filter="event_type = 'page_view'",
@@ -196,4 +202,81 @@ def test_the_processor_reports_the_limit_in_status_and_metrics(tmp_path: Any) ->
         )
     finally:
         processor.close()
+        log.close()
+
+
+def test_capped_windows_are_answered_from_the_rollups(tmp_path: Path) -> None:
+    """At the limit the live metrics route still counts every event: the
+    buckets of capped windows come from the rollups (kept from the raw
+    events), the others from the serving store."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from strata.auth import Keyring
+    from strata.query.api import CoreAPI
+    from strata.server.pipeline import Pipeline
+    from strata.serving.api import live_metric_routes
+
+    five = dict(
+        name="views_by_path_5m",
+        filter=BY_PATH.filter,
+        dimensions=BY_PATH.dimensions,
+        aggregations=BY_PATH.aggregations,
+        window="5m",
+        out_of_orderness="0s",
+    )
+    config = load_config(
+        overrides={
+            "data_dir": str(tmp_path),
+            "log.partitions": 2,
+            "log.fsync": "never",
+            "processor.max_groups": 200,
+            "processor.max_batch_events": 400,
+            "auth.admin_tokens": ["at_limits_test"],
+            "metrics": [five],
+        }
+    )
+    # Six 5-minute windows: 40 paths in the first four, 400 in the last two.
+    rows = [
+        r
+        for w in range(6)
+        for r in rows_for(800, 40 if w < 4 else 400, BASE + w * 5 * MIN, 5 * MIN, seed=w)
+    ]
+    fill_log(config, rows)
+    log = open_log(config)
+    serving = MemoryServingStore()
+    processor = Processor(config, log, serving)
+    store = Store.open(config)
+    try:
+        while processor.lag():
+            processor.run_once(wait_s=0)
+        processor.flush()
+        assert processor.status()["over_limit_events"] > 0
+        capped = [w for w in serving.progress().values() if "views_by_path_5m#capped_until" in w]
+        assert capped
+        for topic in ("events",):
+            loader = Loader(
+                log, store, SINKS[topic], tmp_path / "loader" / topic, dedup_horizon_ms=DAY
+            )
+            while loader.run_once(timeout_s=0):
+                pass
+            loader.close()
+        pipeline = Pipeline(config=config, log=log, store=store, keyring=Keyring(config))
+        pipeline.components["processor"] = processor
+        client = TestClient(Starlette(routes=live_metric_routes(CoreAPI(pipeline))))
+        body = client.get(
+            "/v1/metrics/views_by_path_5m",
+            params={"from": str(BASE), "to": str(BASE + 30 * MIN), "granularity": "5m"},
+            headers={"Authorization": "Bearer at_limits_test"},
+        ).json()
+        # The serving store lacks the capped windows' refused groups ...
+        live = serving.windows("views_by_path_5m", BASE + 20 * MIN, BASE + 30 * MIN)
+        assert sum(state.count for state in live) < 1600
+        # ... so every bucket up to the last capped window comes from the rollups.
+        assert body["served_from"] == "rollup_5m", body
+        by_bucket = {row["time"]: row["views"] for row in body["rows"]}
+        assert sorted(by_bucket.values()) == [800] * 6
+    finally:
+        processor.close()
+        store.close()
         log.close()

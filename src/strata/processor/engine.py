@@ -141,6 +141,12 @@ class _MetricRuntime:
         self.dirty: set[tuple[int, tuple[str, ...]]] = set()
 
 
+def capped_key(metric: str) -> str:
+    """The serving store's progress entry of a processor shard holding
+    ``capped_until(metric)``, next to the metric's watermark."""
+    return f"{metric}#capped_until"
+
+
 def window_result_id(metric: str, shard: str, window_start: int, dims: Sequence[str]) -> str:
     """Deterministic id of a final window result (the loader drops replays)."""
     text = f"{metric}|{shard}|{window_start}|{json.dumps(list(dims))}"
@@ -686,6 +692,13 @@ class WindowEngine:
     def mark_all_dirty(self) -> None:
         for rt in self.metrics:
             rt.dirty = {(s, d) for s, slot in rt.slots.items() for d in slot.groups}
+
+    def capped_until(self, metric: str) -> int | None:
+        """End of the latest held window of ``metric`` that reached
+        ``max_groups`` (None if none): readers answer buckets up to it from
+        the rollups, which count every event (docs/semantics.md, "State size")."""
+        rt = self.by_name[metric]
+        return max(rt.capped) + rt.metric.window_ms if rt.capped else None
 
     def status(self) -> dict[str, Any]:
         return {

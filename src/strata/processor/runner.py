@@ -55,6 +55,7 @@ from strata.processor.engine import (
     LateEvent,
     Step,
     WindowEngine,
+    capped_key,
     decode_snapshot,
     encode_snapshot,
     window_result_id,
@@ -428,6 +429,10 @@ class Processor:
             for rt in self.engine.metrics
             if self.engine.watermark_ms(rt.metric.name) is not None
         }
+        for rt in self.engine.metrics:
+            capped = self.engine.capped_until(rt.metric.name)
+            if capped is not None:
+                watermarks[capped_key(rt.metric.name)] = capped
         self.serving.set_progress(self.shard, watermarks)
         self.last_early_ms = now
 

@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from strata.config import parse_duration_ms
 from strata.metrics import Metric, compile_metrics
+from strata.processor.engine import capped_key
 from strata.serving.base import ServingStore
 from strata.serving.state import WindowState, finalize, merge_values
 
@@ -103,7 +104,8 @@ class LiveMetrics:
         step = GRANULARITY_MS[granularity]
         first_bucket = start // step * step
         serving = self.serving()
-        shards = [w[metric.name] for w in serving.progress().values() if metric.name in w]
+        progress = list(serving.progress().values())
+        shards = [w[metric.name] for w in progress if metric.name in w]
         watermark = min(shards) if shards else None
         # Serving answers buckets whose windows it all holds, if windows tile buckets.
         horizon: int | None = None
@@ -112,6 +114,11 @@ class LiveMetrics:
                 watermark - metric.window_ms - metric.allowed_lateness_ms - self.retention_ms + 1
             )
             horizon = max(first_bucket, -(-held_from // step) * step)
+            # Windows that reached processor.max_groups lack groups in the
+            # serving store: buckets up to the last of them come from the rollups.
+            capped = [w[capped_key(metric.name)] for w in progress if capped_key(metric.name) in w]
+            if capped:
+                horizon = max(horizon, -(-max(capped) // step) * step)
         rollup_end = end if horizon is None else min(end, horizon)
         rows: list[dict[str, Any]] = []
         sources = []
