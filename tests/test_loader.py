@@ -3,6 +3,7 @@ re-executed plans, client retries, and restarts."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import msgspec
@@ -132,3 +133,111 @@ def test_retries_are_dropped_across_restarts(setup) -> None:
     assert store.scalar("SELECT count() FROM events") == len(accepted)
     assert restarted.stats.duplicate_rows == len(accepted[::7])
     assert restarted.lag() == 0
+
+
+def _pending_plan(config, log, store) -> tuple[pa.Table, str]:
+    """A loader that wrote its plan to the checkpoint and then died, before
+    inserting: returns the plan's rows, as the loader inserts them, and its
+    token."""
+    loader = _loader(config, log, store)
+    batches = loader.consumer.poll_batches(500, timeout_s=0)
+    ranges = {b.partition: (b.first_offset, b.last_offset) for b in batches}
+    loader._write_checkpoint(ranges)
+    rows = []
+    for batch in batches:
+        table = EVENTS_SINK.decode(batch.values)
+        offsets = pa.array(range(batch.first_offset, batch.last_offset + 1)).to_numpy()
+        rows.append(EVENTS_SINK.finish(table, offsets * 0 + batch.partition, offsets))
+    token = loader.dedup_token(ranges)
+    loader.close()
+    return pa.concat_tables(rows).combine_chunks(), token
+
+
+def _views(store: Store) -> list[str]:
+    _, rows = store.query_rows(
+        "SELECT name FROM system.tables WHERE database = currentDatabase() "
+        "AND engine = 'MaterializedView'"
+    )
+    return [row[0] for row in rows]
+
+
+def _insert_raw_only(store: Store, data: pa.Table, token: str) -> None:
+    """Insert into `events` with every rollup view detached: the store writes
+    the raw part (and records the token) and nothing else, as a kill -9 does
+    in the middle of an insert (chDB commits the raw part, then each view's)."""
+    views = _views(store)
+    for view in views:
+        store.command(f"DETACH TABLE {view}")
+    try:
+        store.insert_arrow("events", data, dedup_token=token)
+    finally:
+        for view in views:
+            store.command(f"ATTACH TABLE {view}")
+
+
+def _assert_exactly_once(store: Store, n: int) -> None:
+    assert store.scalar("SELECT count() FROM events") == n
+    assert store.scalar("SELECT uniqExact(_partition, _offset) FROM events") == n
+    assert store.scalar("SELECT uniqExact(event_id) FROM events") == n
+    for granularity in ("5m", "1d"):
+        assert store.scalar(
+            f"SELECT countMerge(events) FROM rollup_events_by_type_{granularity}"
+        ) == n
+
+
+def test_a_repeated_plan_is_dropped_only_if_it_is_chunked_the_same(setup) -> None:
+    """Why the loader sends every plan as one Arrow chunk (combine_chunks):
+    chDB derives a block's deduplication id from the token *and* the
+    insert's chunk structure. The same rows with the same token are dropped
+    when re-sent as one chunk, even past the default max_insert_block_size
+    (1,048,449 rows), but stored again when re-sent in three chunks."""
+    _, _, store, _, _ = setup
+    store.command("CREATE TABLE probe (o UInt64) ENGINE = MergeTree ORDER BY o "
+                  "SETTINGS non_replicated_deduplication_window = 100")
+    n = 1_100_000
+    data = pa.table({"o": pa.array(range(n), pa.uint64())})
+    store.insert_arrow("probe", data, dedup_token="plan")
+    store.insert_arrow("probe", data, dedup_token="plan")
+    store.insert_arrow("probe", data.slice(0, 1000), dedup_token="plan")  # other rows, one chunk
+    assert store.scalar("SELECT count() FROM probe") == n
+    chunked = pa.Table.from_batches(data.to_batches(max_chunksize=n // 3 + 1))
+    assert chunked.column(0).num_chunks == 3
+    store.insert_arrow("probe", chunked, dedup_token="plan")
+    assert store.scalar("SELECT count() FROM probe") == 2 * n
+
+
+def test_a_plan_whose_token_was_recorded_but_whose_part_was_not_is_restored(setup) -> None:
+    """kill -9 between the two steps of a chDB insert: the token is in the
+    table's deduplication log, the part never got its final name (start-up
+    deletes it). Re-inserting with the token is dropped, so the loader must
+    find the rows missing and attach them, without feeding the rollups twice."""
+    config, log, store, accepted, _ = setup
+    data, token = _pending_plan(config, log, store)
+    _insert_raw_only(store, data, token)
+    _, rows = store.query_rows("SELECT DISTINCT path FROM system.parts "
+                               "WHERE table = 'events' AND active")
+    store.close()
+    for (path,) in rows:  # the plan is the table's only insert so far
+        shutil.rmtree(path)
+    reopened = Store.open(config)
+    try:
+        assert reopened.scalar("SELECT count() FROM events") == 0
+        restarted = _loader(config, log, reopened)  # re-executes the pending plan
+        assert restarted.stats.repaired_missing_rows == data.num_rows
+        _drain(restarted)
+        _assert_exactly_once(reopened, len(accepted))
+    finally:
+        reopened.close()
+
+
+def test_a_plan_whose_part_was_committed_without_its_token_is_stored_once(setup) -> None:
+    """The other order (upstream ClickHouse records the token after the
+    part): a kill -9 between them leaves the rows without their token, so
+    the re-execution stores them again; the loader removes the copies."""
+    config, log, store, accepted, _ = setup
+    data, token = _pending_plan(config, log, store)
+    _insert_raw_only(store, data, "a token the store never recorded")
+    restarted = _loader(config, log, store)
+    assert restarted.stats.repaired_duplicate_rows == data.num_rows
+    _drain(restarted)
+    _assert_exactly_once(store, len(accepted))

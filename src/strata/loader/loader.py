@@ -16,13 +16,26 @@ checkpoint and re-executes a pending plan exactly: same records, same
 filtering, same token. The group's offsets in the log are committed after
 the checkpoint, for lag reporting and retention only; the checkpoint is the
 source of truth.
+
+The token alone does not make a re-execution exact on a non-replicated
+MergeTree (chDB): the store records a block's token in its deduplication
+log and commits the block's part in two steps, so a kill -9 between them
+leaves a token without its rows (the re-execution is then dropped: rows
+lost), and a store that records the token after the part (upstream
+ClickHouse since 2026) leaves rows without their token (stored twice). So
+a re-executed plan is *verified*: its rows are looked up by their log
+position (``_partition``, ``_offset``) and repaired, missing rows attached
+and doubled rows removed, through a staging table and ATTACH / REPLACE
+PARTITION, which do not fire the materialized views (decision 093).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +50,7 @@ from strata.loader.sinks import Sink
 from strata.log.base import Consumer, Log, RecordBatch
 from strata.masking import DeletedUsers
 from strata.store import Store
+from strata.store.ddl import sql_file, statements
 
 log = logging.getLogger("strata.loader")
 
@@ -49,6 +63,9 @@ class LoaderStats:
     last_insert_ms: int = 0
     errors: int = 0
     last_error: str = ""
+    # Rows of re-executed plans the store had lost or stored twice (repaired).
+    repaired_missing_rows: int = 0
+    repaired_duplicate_rows: int = 0
     # Highest event time seen per partition (for the status endpoint).
     max_event_ts: dict[int, int] = field(default_factory=dict)
 
@@ -104,7 +121,7 @@ class Loader:
             batches = self.consumer.read_ranges(
                 ranges, resume_at=self.offsets, max_records=self.max_batch_events
             )
-            self._execute(list(batches.values()), ranges)
+            self._execute(list(batches.values()), ranges, verify=True)
 
     def _write_checkpoint(self, plan: dict[int, tuple[int, int]] | None) -> None:
         atomic_write_json(
@@ -142,7 +159,13 @@ class Loader:
         self._execute(list(merged.values()), ranges)
         return sum(len(b.values) for b in merged.values())
 
-    def _execute(self, batches: list[RecordBatch], ranges: dict[int, tuple[int, int]]) -> None:
+    def _execute(
+        self,
+        batches: list[RecordBatch],
+        ranges: dict[int, tuple[int, int]],
+        *,
+        verify: bool = False,
+    ) -> None:
         tables: list[pa.Table] = []
         new_ids: list[tuple[int, np.ndarray, np.ndarray]] = []
         duplicates = 0
@@ -177,6 +200,8 @@ class Loader:
             # 8-partition batch inserts in half the time as one chunk).
             data = pa.concat_tables(tables).combine_chunks()
             self.store.insert_arrow(self.sink.table, data, token)
+            if verify and self.sink.with_position:
+                self._repair(data)
         if self.dedup is not None:
             for partition, hashes, received in new_ids:
                 self.dedup.add(partition, hashes, received)
@@ -189,6 +214,91 @@ class Loader:
         self.stats.duplicate_rows += duplicates
         self.stats.batches += 1
         self.stats.last_insert_ms = now_ms()
+
+    # -- repair of a re-executed plan (decision 093) --------------------------
+    def _repair(self, data: pa.Table) -> None:
+        """Make the table hold every row of ``data`` (a re-executed plan, just
+        inserted with its token) exactly once, by log position.
+
+        Missing rows are staged and attached; a table partition holding a
+        row twice is rebuilt in staging with one row per position and
+        swapped in. Neither fires the materialized views: the token insert
+        already fed them, and they deduplicate it on their own."""
+        table = self.sink.table
+        expected = set(zip(data.column("_partition").to_pylist(),
+                           data.column("_offset").to_pylist(), strict=True))
+        stored = self._stored_positions(data)
+        missing = expected - stored.keys()
+        doubled = {key: n for key, n in stored.items() if key in expected and n > 1}
+        if not missing and not doubled:
+            return
+        staging = f"{table}_loader_repair"
+        if doubled:
+            partition_ids = self._partition_ids_of(doubled.keys())
+            log.warning("loader %s: re-executed plan stored %d rows twice (partitions %s); "
+                        "removing the copies", self.sink.topic, sum(n - 1 for n in doubled.values()),
+                        sorted(partition_ids))
+            for partition_id in sorted(partition_ids):
+                self._prepare_staging(staging)
+                self.store.command(
+                    sql_file("loader_repair_copy.sql").format(staging=staging, table=table),
+                    {"partition_id": partition_id},
+                )
+                self.store.command(
+                    f"ALTER TABLE {table} REPLACE PARTITION ID '{partition_id}' FROM {staging}"
+                )
+            self.stats.repaired_duplicate_rows += sum(n - 1 for n in doubled.values())
+        if missing:
+            log.warning("loader %s: re-executed plan found %d rows missing from %s "
+                        "(their token was recorded, their part was not); attaching them",
+                        self.sink.topic, len(missing), table)
+            keep = np.array([key in missing for key in zip(
+                data.column("_partition").to_pylist(), data.column("_offset").to_pylist(),
+                strict=True)])
+            self._prepare_staging(staging)
+            self.store.insert_arrow(staging, data.filter(pa.array(keep)),
+                                    settings={"insert_deduplicate": 0})
+            for partition_id in self._staged_partition_ids(staging):
+                self.store.command(
+                    f"ALTER TABLE {table} ATTACH PARTITION ID '{partition_id}' FROM {staging}"
+                )
+            self.stats.repaired_missing_rows += len(missing)
+        self._prepare_staging(staging)
+
+    def _stored_positions(self, data: pa.Table) -> dict[tuple[int, int], int]:
+        offsets = data.column("_offset")
+        parameters: dict[str, object] = {
+            "partitions": sorted(set(data.column("_partition").to_pylist())),
+            "first": int(pc.min(offsets).as_py()),
+            "last": int(pc.max(offsets).as_py()),
+        }
+        where = ""
+        if "ts" in data.column_names:  # prunes day partitions of the raw table
+            ts = data.column("ts").cast(pa.int64())
+            parameters.update(lo=int(pc.min(ts).as_py()), hi=int(pc.max(ts).as_py()))
+            where = ("AND ts >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC') "
+                     "AND ts <= fromUnixTimestamp64Milli({hi:Int64}, 'UTC')")
+        _, rows = self.store.query_rows(
+            sql_file("loader_repair_positions.sql").format(table=self.sink.table, where=where),
+            parameters,
+        )
+        return {(int(p), int(o)): int(n) for p, o, n in rows}
+
+    def _partition_ids_of(self, keys: Iterable[tuple[int, int]]) -> set[str]:
+        _, rows = self.store.query_rows(
+            sql_file("loader_repair_partition_ids.sql").format(table=self.sink.table),
+            {"keys": [tuple(key) for key in keys]},
+        )
+        return {_partition_id(row[0]) for row in rows}
+
+    def _staged_partition_ids(self, staging: str) -> list[str]:
+        _, rows = self.store.query_rows(f"SELECT DISTINCT _partition_id FROM {staging}")
+        return sorted(_partition_id(row[0]) for row in rows)
+
+    def _prepare_staging(self, staging: str) -> None:
+        text = sql_file("loader_repair.sql").format(staging=staging, table=self.sink.table)
+        for statement in statements(text):
+            self.store.command(statement)
 
     def dedup_token(self, ranges: dict[int, tuple[int, int]]) -> str:
         plan = ",".join(f"{p}:{a}-{b}" for p, (a, b) in sorted(ranges.items()))
@@ -220,3 +330,12 @@ class Loader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def _partition_id(value: object) -> str:
+    """A table partition id from the store, checked before it is put into an
+    ALTER statement (partition ids are not bindable there)."""
+    text = str(value)
+    if not re.fullmatch(r"[0-9A-Za-z_-]{1,64}", text):
+        raise ValueError(f"unexpected partition id {text!r}")
+    return text

@@ -64,13 +64,20 @@ class Store:
         ):
             self.command(statement)
 
-    def insert_arrow(self, table: str, data: pa.Table, dedup_token: str | None = None) -> None:
-        settings: dict[str, Any] = {}
+    def insert_arrow(
+        self,
+        table: str,
+        data: pa.Table,
+        dedup_token: str | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        """Insert ``data`` as one insert; ``settings`` are extra query settings."""
+        settings = dict(settings or {})
         if dedup_token is not None:
-            settings = {
+            settings.update({
                 "insert_deduplication_token": dedup_token,
                 "deduplicate_blocks_in_dependent_materialized_views": 1,
-            }
+            })
         with self._lock:
             try:
                 self.client.insert_arrow(table, data, settings=settings)
