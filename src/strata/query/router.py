@@ -25,6 +25,11 @@ rollup's TTL. Every other query runs on ``events``; there ``uniq(col)`` is
 rewritten to ``uniqCombined(col)``, the function the rollups use, so both
 paths agree (docs/query.md, decision 020).
 
+A rollup route also carries the query's outer shape (``LiveShape``: output
+columns, GROUP BY, ORDER BY, LIMIT, and why live windows cannot be merged
+into it, if so), which ``strata.query.live`` uses to add the serving store's
+live windows (decision 092); ``Router.reroute`` re-routes it with a new end.
+
 The router is pure: it never touches the store.
 """
 

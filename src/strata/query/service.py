@@ -8,7 +8,9 @@ One object per API process, held by the ``Pipeline`` (``pipeline.query``):
 * the ranges revised by late data, so responses can say ``revised``.
 
 Order of work for a request: rate limit -> sandbox -> route -> cache ->
-heavy-query slot (raw path only) -> store. A cache hit does not touch the
+heavy-query slot (raw path only) -> store; on a cache miss a rollup route
+also merges the serving store's live windows (``strata.query.live``,
+decision 092). A cache hit does not touch the
 store. ``on_revised(start_ms, end_ms)`` drops cached results overlapping a
 range changed by late data (``Pipeline.on_revised`` calls it).
 """
