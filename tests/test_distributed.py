@@ -331,14 +331,16 @@ def reference_windows(records: list[dict[str, Any]]) -> dict[tuple[str, int, str
     return {key: (len(ids), len(set(ids))) for key, ids in groups.items()}
 
 
-def served_windows(redis_url: str) -> tuple[dict[tuple[str, int, str], tuple[int, int]], list[Any]]:
+def served_windows(
+    redis_url: str, prefix: str = "dist:"
+) -> tuple[dict[tuple[str, int, str], tuple[int, int]], list[Any]]:
     """The serving store's windows merged over shards (what the query layer
     shows), and the raw per-shard states."""
     from strata.metrics import compile_metrics
     from strata.serving.redis import RedisServingStore
     from strata.serving.state import finalize, merge_values
 
-    store = RedisServingStore(redis_url, prefix="dist:")
+    store = RedisServingStore(redis_url, prefix=prefix)
     try:
         states = [s for m in METRIC_NAMES for s in store.windows(m, 0, 2**62)]
     finally:
@@ -355,12 +357,193 @@ def served_windows(redis_url: str) -> tuple[dict[tuple[str, int, str], tuple[int
     return merged, states
 
 
+def latest_checkpoint(directory: Path) -> tuple[int, dict[str, Any]]:
+    """(owner epoch, contents) of a partition's newest checkpoint: group
+    members write ``checkpoint-e<epoch>.msgpack`` (decision 090)."""
+    from strata.processor.engine import decode_snapshot
+
+    files = {
+        int(path.name.removeprefix("checkpoint-e").removesuffix(".msgpack")): path
+        for path in directory.glob("checkpoint-e*.msgpack")
+    }
+    assert files, f"no checkpoint in {directory}"
+    epoch = max(files)
+    return epoch, decode_snapshot(files[epoch].read_bytes())
+
+
 def metric_configs() -> list[Any]:
     import tomllib
 
     from strata.config import MetricConfig
 
     return [MetricConfig(**m) for m in tomllib.loads(METRICS_TOML)["metrics"]]
+
+
+# --- comparing a shape's results (distributed run vs. the embedded shape) ------------------------
+
+DIMENSION = {"events_by_type": "event_type", "views_by_country": "country"}
+COUNT_ALIAS = {"events_by_type": "events", "views_by_country": "views"}
+
+
+def lake_event_ids(lake: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [
+        i
+        for f in sorted(lake.rglob("*.parquet"))
+        for i in pq.read_table(f, columns=["event_id"])["event_id"].to_pylist()
+    ]
+
+
+def shape_results(query: Any, lake: Path, redis_url: str, prefix: str) -> dict[str, Any]:
+    """Everything the issue compares between shapes, read from one shape:
+    the raw event ids, the rollups (count and distinct users per 5 min and
+    per day and dimension), the live windows merged over shards, the final
+    window results merged over shards, and the lake's event ids.
+
+    ``window_results`` rows are the values the live path showed at each
+    window's *final* firing; when a window turns final depends on the
+    shard's watermark (per partition in the group, the minimum over all
+    partitions in the embedded processor), so an event can be folded into
+    the final value in one shape and arrive as a late event (a `late_events`
+    row, a revision) in the other. Compared are therefore, per (metric,
+    window_start, window_end, dimension value): event_count and every
+    aggregate of the final rows summed over the shards (distinct users add
+    up, since a user's events all live in one partition), for the windows
+    that no late event touched in either shape and for which every shard
+    holding the window has fired it final. Not compared: id and shard (they
+    name the shard), watermark and emitted_at (wall-clock and per-shard),
+    _partition/_offset (positions in the window_results topic)."""
+    import json
+
+    results: dict[str, Any] = {}
+    results["event_ids"] = sorted(r[0] for r in query("SELECT event_id FROM events"))
+    dims_of = {
+        r[0]: {"event_type": r[1], "country": r[2]}
+        for r in query("SELECT event_id, event_type, country FROM events")
+    }
+    for metric, dimension in DIMENSION.items():
+        for granularity in ("5m", "1d"):
+            rows = query(
+                f"SELECT toUnixTimestamp(window_start), {dimension}, "
+                f"countMerge({COUNT_ALIAS[metric]}), uniqCombinedMerge(users) "
+                f"FROM rollup_{metric}_{granularity} GROUP BY 1, 2"
+            )
+            results[f"rollup_{metric}_{granularity}"] = {
+                (int(r[0]), r[1]): (int(r[2]), int(r[3])) for r in rows
+            }
+    served, states = served_windows(redis_url, prefix)
+    results["served"] = served
+    holders: dict[tuple[str, int, str], set[str]] = {}
+    for state in states:
+        holders.setdefault((state.metric, state.window_start, state.dims[0]), set()).add(
+            state.shard
+        )
+    late = {
+        (r[0], int(r[1]), dims_of[r[2]][DIMENSION[r[0]]])
+        for r in query(
+            "SELECT metric, toUnixTimestamp64Milli(window_start), event_id FROM late_events"
+        )
+    }
+    finals: dict[tuple[str, int, int, str], list[tuple[str, int, dict[str, int]]]] = {}
+    for metric, start, end, dims, shard, aggregates, event_count in query(
+        "SELECT metric, toUnixTimestamp64Milli(window_start), toUnixTimestamp64Milli(window_end),"
+        " dims, shard, aggregates, event_count FROM window_results"
+    ):
+        value = json.loads(dims)[DIMENSION[metric]]
+        finals.setdefault((metric, int(start), int(end), value), []).append(
+            (shard, int(event_count), json.loads(aggregates))
+        )
+    merged = {}
+    for (metric, start, end, value), rows in finals.items():
+        key = (metric, start, value)
+        if not holders.get(key, set()) <= {shard for shard, _, _ in rows}:
+            continue  # some shard's part of this window is not final yet
+        totals: dict[str, int] = {"event_count": sum(count for _, count, _ in rows)}
+        for _, _, aggregates in rows:
+            for alias, number in aggregates.items():
+                totals[alias] = totals.get(alias, 0) + int(number)
+        merged[(metric, start, end, value)] = totals
+    results["window_results"] = merged
+    results["late_windows"] = late
+    results["lake_ids"] = sorted(lake_event_ids(lake))
+    return results
+
+
+def assert_same_results(distributed: dict[str, Any], embedded: dict[str, Any]) -> None:
+    """The comparison of ``shape_results`` the issue asks for."""
+    assert distributed["event_ids"] == embedded["event_ids"]
+    for name in sorted(distributed):
+        if name.startswith("rollup_"):
+            assert distributed[name] == embedded[name], (
+                name,
+                differences(distributed[name], embedded[name]),
+            )
+    assert distributed["served"] == embedded["served"], differences(
+        distributed["served"], embedded["served"]
+    )
+    touched = distributed["late_windows"] | embedded["late_windows"]
+    comparable = {
+        key
+        for key in set(distributed["window_results"]) & set(embedded["window_results"])
+        if key[:2] + key[3:] not in touched
+    }
+    assert len(comparable) >= 10, (len(comparable), len(touched))
+    got = {k: distributed["window_results"][k] for k in comparable}
+    want = {k: embedded["window_results"][k] for k in comparable}
+    assert got == want, differences(got, want)
+    assert distributed["lake_ids"] == embedded["lake_ids"]
+
+
+def embedded_config(path: Path, redis_url: str, lake: Path) -> Path:
+    """The embedded shape (`strata serve`: embedded log, one processor over
+    every partition, chDB) with the distributed test's metrics. Its live
+    windows go to Redis under their own prefix only so that the test can read
+    them per window; the memory and Redis backends pass one contract suite."""
+    path.write_text(
+        f"""
+[log]
+partitions = 4
+
+[serving]
+backend = "redis"
+redis_url = "{redis_url}"
+redis_prefix = "emb:"
+
+[processor]
+checkpoint_interval = "1s"
+
+[lake]
+path = "{lake}"
+roll_interval = "1s"
+
+[query]
+sql_max_rows = 1000000
+{METRICS_TOML}
+"""
+    )
+    return path
+
+
+def feed_embedded(server: Any, records: list[dict[str, Any]]) -> None:
+    """Post the distributed log's records (client retries included), in log
+    order per partition, as client events with their event_ids and their
+    corrected event times (no ``sent_at``, so no second skew correction)."""
+    import json
+
+    def event(record: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in record.items() if k not in ("ts", "received_at", "distinct_id")}
+        out["timestamp"] = record["ts"]
+        out["properties"] = json.loads(record["properties"] or "{}")
+        for key in ("user_id", "anonymous_id"):
+            if not out[key]:
+                del out[key]
+        return out
+
+    for start in range(0, len(records), 500):
+        response = server.post_batch([event(r) for r in records[start : start + 500]])
+        assert response.status_code == 200, response.text
+        assert not response.json()["rejected"], response.json()["rejected"][:3]
 
 
 @pytest.fixture
@@ -372,7 +555,7 @@ def own_broker() -> Iterator[str]:
 
 @pytest.mark.slow
 def test_processor_group_archiver_and_query_api_survive_a_processor_kill(
-    own_broker: str, redis_url: str, tmp_path: Path
+    own_broker: str, redis_url: str, tmp_path: Path, server_factory: Any
 ) -> None:
     """tansu + redis-server + 2 `strata ingest` + 2 `strata process` (one
     consumer group, Redis serving) + 1 `strata archive` + 1 `strata query-api`.
@@ -393,7 +576,7 @@ def test_processor_group_archiver_and_query_api_survive_a_processor_kill(
     """
     import pyarrow.parquet as pq
 
-    from strata.processor.engine import decode_snapshot, window_result_id
+    from strata.processor.engine import window_result_id
 
     lake = tmp_path / "lake"
     config = tmp_path / "strata.toml"
@@ -510,8 +693,8 @@ sql_max_rows = 1000000
         assert survivor.process is not None and survivor.process.returncode == 0
         checkpoints = {}
         for partition in range(4):
-            path = tmp_path / "processor-state" / f"p{partition}" / "checkpoint.msgpack"
-            checkpoints.update(decode_snapshot(path.read_bytes())["offsets"])
+            _, checkpoint = latest_checkpoint(tmp_path / "processor-state" / f"p{partition}")
+            checkpoints.update(checkpoint["offsets"])
         read = {int(p): int(o) for p, o in checkpoints.items()}
         assert read == loader_offsets(api)  # processors and loader read the same records
         records = log_records(config, read)
@@ -564,6 +747,31 @@ sql_max_rows = 1000000
         ids = lake_ids() or []
         assert len(ids) == len(acknowledged)
         assert set(ids) == acknowledged
+
+        # The embedded shape fed the same events equals the distributed one.
+        distributed = shape_results(lambda q: sql(api, q), lake, redis_url, "dist:")
+        for role in roles:
+            role.stop()
+        server = server_factory(
+            "embedded",
+            workers=1,
+            config_path=embedded_config(tmp_path / "embedded.toml", redis_url, tmp_path / "lake-e"),
+        ).start()
+        feed_embedded(server, records)
+        server.wait_caught_up(180, include_archiver=True)
+        wait_for(
+            "the embedded processor to serve every window",
+            lambda: served_windows(redis_url, "emb:")[0] == expected,
+            detail=lambda: differences(served_windows(redis_url, "emb:")[0], expected),
+        )
+        wait_for(
+            "the embedded archiver",
+            lambda: len(set(lake_event_ids(tmp_path / "lake-e"))) >= len(acknowledged),
+        )
+        embedded = shape_results(
+            lambda q: server.sql(q)["rows"], tmp_path / "lake-e", redis_url, "emb:"
+        )
+        assert_same_results(distributed, embedded)
     finally:
         for role in roles:
             role.stop()
@@ -588,3 +796,221 @@ def test_process_group_needs_kafka_and_archive_reports_bad_config(tmp_path: Path
         done = subprocess.run([*base, *argv], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, (argv, done.stdout, done.stderr)
         assert message in done.stderr, (argv, done.stderr)
+
+
+# --- fencing of a superseded partition owner (decision 090) -----------------------------------
+
+
+def test_a_superseded_owner_is_fenced_out_of_the_serving_store_and_its_files(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Two fenced processors of partition 0 over one state directory (what two
+    group members see when the first stalls past its session timeout): the
+    second claims a newer owner epoch and takes over from the first's
+    checkpoint; the first, resumed, reads on and tries to write. Its serving
+    writes are rejected atomically in Redis (FencedError), its checkpoint is
+    refused, its dedup appends go to files the newer owner reads only up to
+    its checkpointed lengths, and a third owner restoring the newer owner's
+    checkpoint serves exactly what an unfenced processor fed the same records
+    serves."""
+    from fixtures_processor import fill_log, make_events
+    from strata.config import load_config
+    from strata.log import open_log
+    from strata.processor.runner import Processor
+    from strata.serving import FencedError
+    from strata.serving.memory import MemoryServingStore
+    from strata.serving.redis import RedisServingStore
+
+    config = load_config(
+        overrides={"data_dir": str(tmp_path), "log.partitions": 2, "log.fsync": "never"}
+    )
+    events = make_events(6_000, span_ms=600_000, late_share=0.01)
+    fill_log(config, events[:3_000])
+    log_ = open_log(config)
+    serving = RedisServingStore(redis_url, prefix=f"fence{os.getpid()}:")
+    directory = tmp_path / "state" / "p0"
+
+    def cycles(processor: Processor) -> None:
+        while processor.lag():
+            processor.run_once(wait_s=0)
+
+    def served(store: Any) -> dict[Any, Any]:
+        return {
+            (s.metric, s.window_start, tuple(s.dims)): (s.count, s.values, s.final)
+            for m in ("page_views_by_country", "events_by_type", "active_users")
+            for s in store.windows(m, 0, 2**62)
+            if s.shard == "p0"
+        }
+
+    def drop_fields(windows: dict[Any, Any]) -> dict[Any, Any]:
+        return {k: (count, values) for k, (count, values, _) in windows.items()}
+
+    stale = Processor(config, log_, serving, partitions=[0], directory=directory, fenced=True)
+    newer = None
+    try:
+        assert stale.fence is not None
+        cycles(stale)
+        stale.flush()
+        assert served(serving), "the first owner served nothing"
+        newer = Processor(config, log_, serving, partitions=[0], directory=directory, fenced=True)
+        assert newer.fence is not None and newer.fence.epoch == stale.fence.epoch + 1
+        fill_log(config, events[3_000:])
+        cycles(newer)
+        newer.flush()
+        before = served(serving)
+
+        # The stale owner resumes: it reads the new records (admitting them
+        # into its own epoch's dedup files) and its first write is rejected.
+        with pytest.raises(FencedError, match="superseded"):
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                stale.run_once(wait_s=0.05)
+        with pytest.raises(FencedError):
+            stale.flush()
+        assert served(serving) == before, "a fenced write reached Redis"
+        checkpoints = sorted(p.name for p in directory.glob("checkpoint*"))
+        assert checkpoints == [f"checkpoint-e{newer.fence.epoch}.msgpack"], checkpoints
+        assert any(directory.glob(f"dedup/*.e{stale.fence.epoch}.u64"))
+    finally:
+        stale.close()
+        if newer is not None:
+            newer.close()
+
+    # A third owner restores the newer owner's checkpoint: the stale appends
+    # do not leak into its dedup index or windows.
+    third = Processor(config, log_, serving, partitions=[0], directory=directory, fenced=True)
+    try:
+        cycles(third)
+        third.flush()
+        restored = served(serving)
+    finally:
+        third.close()
+    memory = MemoryServingStore()
+    reference = Processor(config, log_, memory, partitions=[0], directory=tmp_path / "reference")
+    try:
+        cycles(reference)
+        reference.flush()
+        expected = served(memory)
+    finally:
+        reference.close()
+    log_.close()
+    serving.clear()
+    serving.close()
+    assert expected and drop_fields(restored) == drop_fields(expected)
+
+
+@pytest.mark.slow
+def test_a_stalled_group_member_is_fenced_when_it_resumes(
+    own_broker: str, redis_url: str, tmp_path: Path
+) -> None:
+    """tansu + redis-server + 2 `strata process --group`. One member is
+    stopped with SIGSTOP (alive, holding its session, until the session
+    times out), the other takes over its partitions and processes more
+    records, then the stalled member is resumed with SIGCONT.
+
+    While it resumes and notices, the served windows never regress from the
+    new owner's values; the resumed member logs that it was fenced; the
+    group then splits the partitions again, and afterwards every partition's
+    newest checkpoint is that of the shard's current owner epoch in Redis,
+    and the served windows equal the reference computed from the records."""
+    import redis
+
+    from fixtures_processor import fill_log, make_events
+    from strata.config import load_config
+
+    prefix = "stall:"
+    state_dir = tmp_path / "processor-state"
+    config = tmp_path / "strata.toml"
+    config.write_text(
+        f"""
+[log]
+backend = "kafka"
+partitions = 4
+kafka_bootstrap_servers = "{own_broker}"
+kafka_session_timeout_ms = 6000
+
+[serving]
+backend = "redis"
+redis_url = "{redis_url}"
+redis_prefix = "{prefix}"
+
+[processor]
+embedded = false
+state_dir = "{state_dir}"
+checkpoint_interval = "1s"
+{METRICS_TOML}
+"""
+    )
+    settings = load_config(config)
+    events = make_events(6_000, seed=11, span_ms=120_000, late_share=0.01)
+    expected = reference_windows(unique_by_event_id(events))
+    members = [
+        Role(tmp_path, f"process-{i}", ["process", "--group"], config, http=False) for i in range(2)
+    ]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for member in members:
+            member.start(ready_line="joined consumer group")
+        wait_for(
+            "the group to split the partitions",
+            lambda: (
+                sorted(sum((owned(m) or [] for m in members), [])) == [0, 1, 2, 3]
+                and all(owned(m) for m in members)
+            ),
+        )
+        stalled, survivor = members
+        stalled_shards = {f"p{p}" for p in owned(stalled) or []}
+        fill_log(settings, events[:3_000])
+        wait_for(
+            "the member to be stalled to serve windows",
+            lambda: any(s.shard in stalled_shards for s in served_windows(redis_url, prefix)[1]),
+        )
+        assert stalled.process is not None
+        os.killpg(stalled.process.pid, signal.SIGSTOP)
+        try:
+            wait_for("the survivor to own every partition", lambda: owned(survivor) == [0, 1, 2, 3])
+            fill_log(settings, events[3_000:])
+            wait_for(
+                "the survivor to process every record",
+                lambda: served_windows(redis_url, prefix)[0] == expected,
+                detail=lambda: differences(served_windows(redis_url, prefix)[0], expected),
+            )
+        finally:
+            os.killpg(stalled.process.pid, signal.SIGCONT)
+
+        # Nothing new flows: whatever the resumed member tries, the served
+        # windows stay the new owner's.
+        def noticed() -> bool:
+            served = served_windows(redis_url, prefix)[0]
+            assert served == expected, differences(served, expected)
+            return "fenced (shard p" in stalled.log_path.read_text(errors="replace")
+
+        wait_for("the resumed member to log that it was fenced", noticed, detail=stalled.log_tail)
+        wait_for(
+            "the group to split the partitions again",
+            lambda: (
+                sorted((owned(stalled) or []) + (owned(survivor) or [])) == [0, 1, 2, 3]
+                and bool(owned(stalled))
+            ),
+            detail=lambda: (owned(stalled), owned(survivor)),
+        )
+        for member in members:
+            member.stop()  # graceful: checkpoints every owned partition
+            assert member.process is not None and member.process.returncode == 0
+        served = served_windows(redis_url, prefix)[0]
+        assert served == expected, differences(served, expected)
+        read = 0
+        for partition in range(4):
+            directory = state_dir / f"p{partition}"
+            epoch, checkpoint = latest_checkpoint(directory)
+            assert epoch == int(client.get(f"{prefix}owner:p{partition}") or 0)
+            assert checkpoint["owner_epoch"] == epoch
+            assert len(list(directory.glob("checkpoint*"))) == 1
+            read += sum(int(o) for o in checkpoint["offsets"].values())
+        assert read == len(events)
+    finally:
+        for member in members:
+            if member.process is not None and member.process.poll() is None:
+                os.killpg(member.process.pid, signal.SIGCONT)
+            member.stop()
+        client.close()

@@ -44,8 +44,16 @@ class _Chunk:
 
 
 class DedupIndex:
-    def __init__(self, directory: Path, horizon_ms: int) -> None:
+    def __init__(self, directory: Path, horizon_ms: int, *, epoch: int | None = None) -> None:
+        """``epoch`` (fenced processors, decision 090): files this index
+        appends to are named ``p<N>-<hour>.e<epoch>.u64``, so a stale owner
+        of the directory (a lower epoch) never appends to the current
+        owner's files. ``load`` then reads other epochs' files only up to
+        their checkpointed lengths, never truncates them, and removes only
+        unknown files of lower epochs."""
         self.directory = directory
+        self.epoch = epoch
+        self._tag = "" if epoch is None else f".e{epoch}"
         self.horizon_hours = -(-horizon_ms // HOUR_MS) + 1
         directory.mkdir(parents=True, exist_ok=True)
         self._chunks: dict[int, list[_Chunk]] = {}
@@ -60,13 +68,16 @@ class DedupIndex:
         self._lengths = {}
         for path in sorted(self.directory.glob("p*-*.u64")):
             length = lengths.get(path.name, 0)
+            owned = self.epoch is None or _epoch(path.name) == self.epoch
             if length == 0:
-                path.unlink()
+                if owned or _epoch(path.name) < (self.epoch or 0):
+                    path.unlink(missing_ok=True)
                 continue
-            with open(path, "r+b") as handle:
-                handle.truncate(length)
+            if owned:
+                with open(path, "r+b") as handle:
+                    handle.truncate(length)
             partition, hour = _parse_name(path.name)
-            values = np.fromfile(path, dtype="<u8")
+            values = np.fromfile(path, dtype="<u8", count=length // 8)
             self._add_chunk(partition, hour, np.sort(values))
             self._lengths[path.name] = length
 
@@ -113,7 +124,7 @@ class DedupIndex:
         hours = received_at_ms // HOUR_MS
         for hour in np.unique(hours):
             selected = np.ascontiguousarray(hashes[hours == hour], dtype="<u8")
-            name = f"p{partition}-{int(hour)}.u64"
+            name = f"p{partition}-{int(hour)}{self._tag}.u64"
             path = self.directory / name
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
@@ -153,4 +164,10 @@ class DedupIndex:
 
 def _parse_name(name: str) -> tuple[int, int]:
     partition, hour = name[1:-4].split("-")
-    return int(partition), int(hour)
+    return int(partition), int(hour.split(".")[0])
+
+
+def _epoch(name: str) -> int:
+    """The writer epoch in ``p<N>-<hour>.e<epoch>.u64``; 0 when untagged."""
+    _, _, tag = name[:-4].partition(".e")
+    return int(tag) if tag else 0

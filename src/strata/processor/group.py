@@ -18,6 +18,16 @@ its checkpoint:
 * ``on_lost`` (this member was too slow and the group moved on): close
   without writing, because the new owner may already be using the files.
 
+Fencing (decision 090): every single-partition processor is *fenced*: on
+assignment it claims the shard's owner epoch in the serving store (an atomic
+INCR), every serving write it makes is checked against that epoch
+atomically in the store, and its checkpoint, journal and dedup files carry
+the epoch in their names (restores pick the highest). A member that stalled
+past the session timeout and resumes before librdkafka reports the loss gets
+``FencedError`` from its first write: it drops that partition's processor
+(no flush, no checkpoint), logs that it was fenced, and does not touch the
+partition again until the group assigns it anew.
+
 The group member is a separate Kafka consumer that only holds the
 membership (``subscribe(fetch=False)``: its partitions are paused); the
 single-partition processors read through their own statically assigned
@@ -42,7 +52,7 @@ from typing import Any
 from strata.config import Config, ConfigError
 from strata.log.base import Log
 from strata.processor.runner import Processor
-from strata.serving.base import ServingStore
+from strata.serving.base import FencedError, ServingStore
 
 log = logging.getLogger("strata.processor")
 
@@ -89,19 +99,24 @@ class GroupProcessor:
         self.processors: dict[int, Processor] = {}
         self.errors = 0
         self.last_error = ""
+        self.fenced = 0  # partitions dropped because a newer owner claimed them
 
     # -- rebalance callbacks (run inside the member's poll) ----------------------------------
     def _assigned(self, partitions: list[int]) -> dict[int, int]:
         for partition in partitions:
             if partition not in self.processors:
-                self.processors[partition] = Processor(
-                    self.config,
-                    self.log,
-                    self.serving,
-                    partitions=[partition],
-                    directory=self.state_dir / f"p{partition}",
-                    on_revised=self.on_revised,
-                )
+                try:
+                    self.processors[partition] = Processor(
+                        self.config,
+                        self.log,
+                        self.serving,
+                        partitions=[partition],
+                        directory=self.state_dir / f"p{partition}",
+                        on_revised=self.on_revised,
+                        fenced=True,
+                    )
+                except FencedError as exc:  # stalled inside this callback: moved on already
+                    self._note_fenced(partition, exc, "on assignment")
         self._changed()
         return {}  # the member does not read; the processors start from their checkpoints
 
@@ -109,6 +124,15 @@ class GroupProcessor:
         self._release(partitions, flush=True)
 
     def _lost(self, partitions: list[int]) -> None:
+        for partition in partitions:
+            processor = self.processors.get(partition)
+            if processor is not None and processor.fence is not None:
+                try:  # only to say why in the log: nothing is written either way
+                    self.serving.check_fence(processor.fence)
+                except FencedError as exc:
+                    self._note_fenced(partition, exc, "when the group reported it lost")
+                except Exception:
+                    pass
         self._release(partitions, flush=False)
 
     def _release(self, partitions: Sequence[int], *, flush: bool) -> None:
@@ -119,8 +143,29 @@ class GroupProcessor:
             try:
                 if flush:
                     processor.flush()
+            except FencedError as exc:  # a newer owner has it: its state wins
+                self._note_fenced(partition, exc, "its checkpoint on revoke was refused")
             finally:
                 processor.close()
+        self._changed()
+
+    def _note_fenced(self, partition: int, exc: FencedError, how: str) -> None:
+        self.fenced += 1
+        log.warning(
+            "processor p%d: fenced (%s) %s; dropped this member's state of the partition "
+            "until the group assigns it again",
+            partition,
+            exc,
+            how,
+        )
+
+    def _drop_fenced(self, partition: int, exc: FencedError) -> None:
+        """A write was rejected: another member owns the partition now. Close
+        its processor without writing anything more."""
+        processor = self.processors.pop(partition, None)
+        self._note_fenced(partition, exc, "a write was rejected")
+        if processor is not None:
+            processor.close()
         self._changed()
 
     def _changed(self) -> None:
@@ -138,12 +183,16 @@ class GroupProcessor:
         for partition, processor in list(self.processors.items()):
             try:
                 consumed += processor.run_once(wait_s=0.0)
+            except FencedError as exc:
+                self._drop_fenced(partition, exc)
             except Exception as exc:  # keep the other partitions going; surfaced in status()
                 self.errors += 1
                 self.last_error = f"partition {partition}: {exc}"[:500]
                 log.exception("processor p%d: cycle failed; recovering from checkpoint", partition)
                 try:
                     processor._recover()
+                except FencedError as fenced:
+                    self._drop_fenced(partition, fenced)
                 except Exception:
                     log.exception("processor p%d: recovery failed", partition)
         # Paused partitions: this returns no records, only runs heartbeats and callbacks.
@@ -168,6 +217,7 @@ class GroupProcessor:
             "shards": {p: proc.status() for p, proc in sorted(self.processors.items())},
             "errors": self.errors,
             "last_error": self.last_error or None,
+            "fenced_partitions": self.fenced,
         }
 
     def close(self) -> None:

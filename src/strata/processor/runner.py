@@ -25,6 +25,16 @@ engine is deterministic, so it produces the same outputs with the same ids
 the wall-clock idle-partition decisions replay identically. The group
 offsets in the log are committed after each checkpoint, for lag reporting
 and retention only; the checkpoint is the source of truth.
+
+Fenced mode (``fenced=True``, consumer-group processors, decision 090): the
+processor claims its shard's owner epoch in the serving store at start-up,
+every serving write carries that fence, and its checkpoint, journal and
+dedup files carry the epoch in their names. It restores from the
+highest-epoch checkpoint (and that epoch's journal), so a stale owner of a
+lower epoch can neither overwrite the new owner's serving state (rejected
+atomically in the store) nor its checkpoint, journal or dedup files (it
+only writes files of its own epoch, which nobody reads any more). Such a
+stale owner gets ``FencedError`` from its next write or checkpoint.
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ from strata.processor.engine import (
     encode_snapshot,
     window_result_id,
 )
-from strata.serving.base import ServingStore
+from strata.serving.base import Fence, FencedError, ServingStore
 from strata.serving.state import WindowState, finalize, merge_values
 from strata.telemetry import REGISTRY
 
@@ -108,9 +118,13 @@ class Processor:
         partitions: Sequence[int] | None = None,
         directory: Path | None = None,
         on_revised: Callable[[int, int], None] | None = None,
+        fenced: bool = False,
     ) -> None:
         """``on_revised(start_ms, end_ms)`` is called for every window range
-        revised by late events (the query layer drops cached results)."""
+        revised by late events (the query layer drops cached results).
+        ``fenced``: claim the shard's owner epoch and fence every write with
+        it (see the module docstring); raises ``FencedError`` if a newer
+        owner exists already."""
         self.config = config
         self.on_revised = on_revised
         self.log = log_
@@ -130,15 +144,18 @@ class Processor:
         self.shard = shard_name(self.partitions, total)
         self.directory = directory or config.data_path / "processor" / self.shard
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.fence: Fence | None = serving.claim(self.shard) if fenced else None
+        epoch = self.fence.epoch if self.fence is not None else None
         # Client retries (the same event_id at a later offset) count once,
         # as in the raw table: the loader's dedup rule and horizon, with the
         # index's file lengths in this processor's checkpoint.
         self.dedup = DedupIndex(
-            self.directory / "dedup", parse_duration_ms(config.loader.dedup_horizon)
+            self.directory / "dedup", parse_duration_ms(config.loader.dedup_horizon), epoch=epoch
         )
         self.deleted_users = DeletedUsers(config.data_path)
-        self.checkpoint_path = self.directory / "checkpoint.msgpack"
-        self.journal_path = self.directory / "journal.jsonl"
+        suffix = "" if epoch is None else f"-e{epoch}"
+        self.checkpoint_path = self.directory / f"checkpoint{suffix}.msgpack"
+        self.journal_path = self.directory / f"journal{suffix}.jsonl"
         self.max_batch_events = settings.max_batch_events
         self.early_interval_ms = parse_duration_ms(settings.early_firing_interval)
         self.checkpoint_interval_ms = parse_duration_ms(settings.checkpoint_interval)
@@ -165,7 +182,11 @@ class Processor:
         self.errors = 0
         self.last_error = ""
         self._lock = threading.Lock()  # status() reads while run() works
-        self._recover()
+        try:
+            self._recover()
+        except BaseException:  # e.g. FencedError: do not leak the consumers
+            self.close()
+            raise
 
     def _new_engine(self, now: int) -> WindowEngine:
         return WindowEngine(
@@ -184,9 +205,10 @@ class Processor:
             self._recover_locked()
 
     def _recover_locked(self) -> None:
+        checkpoint_path, journal_path = self._latest_state()
         beginning = self.log.beginning_offsets("events")
-        if self.checkpoint_path.exists():
-            checkpoint = decode_snapshot(self.checkpoint_path.read_bytes())
+        if checkpoint_path.exists():
+            checkpoint = decode_snapshot(checkpoint_path.read_bytes())
             self.engine = self._new_engine(now_ms())
             self.engine.restore(checkpoint["engine"])
             self.seq = int(checkpoint["seq"])
@@ -210,7 +232,7 @@ class Processor:
             self.offsets[partition] = offset
             self.consumers[partition].seek(partition, offset)
         replayed = 0
-        for entry in self._journal():
+        for entry in self._journal(journal_path):
             if entry["seq"] <= self.seq:
                 continue
             ranges = {int(p): (int(a), int(b)) for p, (a, b) in entry["ranges"].items()}
@@ -224,10 +246,48 @@ class Processor:
         self.engine.mark_all_dirty()
         self._early_firing(now_ms())
         self._checkpoint(now_ms())
+        if self.fence is not None:
+            self._remove_older_epochs()
 
-    def _journal(self) -> list[dict[str, Any]]:
+    # -- fencing (fenced mode only) -------------------------------------------------------
+    def _epoch_files(self, stem: str, ext: str) -> dict[int, Path]:
+        """epoch -> file for ``<stem>-e<epoch><ext>``; the unfenced name is epoch 0."""
+        found = {}
+        for path in self.directory.glob(f"{stem}*{ext}"):
+            tag = path.name[len(stem) : -len(ext)]
+            if tag == "":
+                found[0] = path
+            elif tag.startswith("-e") and tag[2:].isdigit():
+                found[int(tag[2:])] = path
+        return found
+
+    def _latest_state(self) -> tuple[Path, Path]:
+        """The checkpoint to restore and the journal that belongs to it: this
+        processor's own, or in fenced mode the highest epoch's."""
+        if self.fence is None:
+            return self.checkpoint_path, self.journal_path
+        self.serving.check_fence(self.fence)
+        checkpoints = self._epoch_files("checkpoint", ".msgpack")
+        newest = max(checkpoints, default=0)
+        if newest > self.fence.epoch:
+            raise FencedError(self.fence, newest)
+        if newest == 0 and 0 not in checkpoints:
+            return self.checkpoint_path, self.journal_path
+        suffix = "" if newest == 0 else f"-e{newest}"
+        return checkpoints[newest], self.directory / f"journal{suffix}.jsonl"
+
+    def _remove_older_epochs(self) -> None:
+        """Once this epoch's checkpoint exists, older epochs' files are dead
+        (a stale owner may still recreate one; the next owner removes it)."""
+        assert self.fence is not None
+        for stem, ext in (("checkpoint", ".msgpack"), ("journal", ".jsonl")):
+            for epoch, path in self._epoch_files(stem, ext).items():
+                if epoch < self.fence.epoch:
+                    path.unlink(missing_ok=True)
+
+    def _journal(self, path: Path | None = None) -> list[dict[str, Any]]:
         try:
-            text = self.journal_path.read_bytes()
+            text = (path or self.journal_path).read_bytes()
         except FileNotFoundError:
             return []
         entries = []
@@ -251,10 +311,15 @@ class Processor:
             os.close(fd)
 
     def _checkpoint(self, now: int) -> None:
+        if self.fence is not None:
+            # The file name carries the epoch, so a stale owner cannot replace
+            # the new owner's checkpoint; this check only stops it early.
+            self.serving.check_fence(self.fence)
         self.dedup.expire(now)
         data = {
             "version": 1,
             "shard": self.shard,
+            "owner_epoch": self.fence.epoch if self.fence is not None else None,
             "seq": self.seq,
             "offsets": {str(p): o for p, o in self.offsets.items()},
             "engine": self.engine.snapshot(),
@@ -383,6 +448,11 @@ class Processor:
         return consumed
 
     def _emit(self, step: Step, now: int) -> None:
+        if self.fence is not None and (step.late or step.finals):
+            # Log appends cannot be fenced (no Kafka transactions); a stale
+            # owner stops here, unless it stalls between this check and the
+            # append (then its records carry the ids the loader drops).
+            self.serving.check_fence(self.fence)
         if step.late:
             self.late_total += len(step.late)
             REGISTRY.inc("strata_late_events_total", len(step.late))
@@ -404,15 +474,15 @@ class Processor:
             self.producer.flush()
             self.finals_total += len(step.finals)
         if step.finals:
-            self.serving.put_windows(step.finals)
+            self.serving.put_windows(step.finals, fence=self.fence)
         if step.evicted:
-            self.serving.delete_windows(step.evicted)
+            self.serving.delete_windows(step.evicted, fence=self.fence)
         if step.revised:
             by_metric: dict[str, list[tuple[int, int]]] = {}
             for metric, start, end in step.revised:
                 by_metric.setdefault(metric, []).append((start, end))
             for metric, ranges in by_metric.items():
-                self.serving.add_revised(metric, sorted(set(ranges)))
+                self.serving.add_revised(metric, sorted(set(ranges)), fence=self.fence)
             if self.on_revised is not None:
                 for start, end in sorted({(a, b) for _, a, b in step.revised}):
                     try:
@@ -423,7 +493,7 @@ class Processor:
     def _early_firing(self, now: int) -> None:
         dirty = self.engine.take_dirty()
         if dirty:
-            self.serving.put_windows(dirty)
+            self.serving.put_windows(dirty, fence=self.fence)
         watermarks = {
             rt.metric.name: rt.watermark
             for rt in self.engine.metrics
@@ -433,7 +503,7 @@ class Processor:
             capped = self.engine.capped_until(rt.metric.name)
             if capped is not None:
                 watermarks[capped_key(rt.metric.name)] = capped
-        self.serving.set_progress(self.shard, watermarks)
+        self.serving.set_progress(self.shard, watermarks, fence=self.fence)
         self.last_early_ms = now
 
     def _late_record(self, late: LateEvent, now: int) -> bytes:

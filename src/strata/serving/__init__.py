@@ -7,9 +7,9 @@ layer reads. See ``strata.serving.base`` for the contract.
 from __future__ import annotations
 
 from strata.config import Config
-from strata.serving.base import ServingError, ServingStore, WindowKey
+from strata.serving.base import Fence, FencedError, ServingError, ServingStore, WindowKey
 
-__all__ = ["ServingError", "ServingStore", "WindowKey", "open_serving"]
+__all__ = ["Fence", "FencedError", "ServingError", "ServingStore", "WindowKey", "open_serving"]
 
 
 def open_serving(config: Config) -> ServingStore:

@@ -19,12 +19,22 @@ Contract:
   metric is complete up to the minimum over shards.
 * Readers see each ``put_windows`` call either fully or not at all per group;
   there is no cross-group transaction.
+
+Fencing (decision 090): a writer that may be superseded (a consumer-group
+processor owning one partition's shard) first calls ``claim(shard)``, which
+atomically increments the shard's *owner epoch* and returns a ``Fence``.
+Every write that passes ``fence=`` is applied only if the fence's epoch is
+still the shard's current epoch, checked atomically with the write; else
+nothing of that call is applied and ``FencedError`` is raised. Writes
+without a fence (the embedded and static-shard processors, which have no
+competing owner) are never checked.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from strata.serving.state import WindowState
 
@@ -35,13 +45,42 @@ class ServingError(Exception):
     """The serving store failed (connection lost, bad data)."""
 
 
+@dataclass(frozen=True)
+class Fence:
+    """Ownership of ``shard`` at ``epoch``, as returned by ``claim``."""
+
+    shard: str
+    epoch: int
+
+
+class FencedError(ServingError):
+    """A fenced write was rejected: another owner claimed the shard since."""
+
+    def __init__(self, fence: Fence, current: int) -> None:
+        super().__init__(
+            f"shard {fence.shard}: owner epoch {fence.epoch} was superseded by epoch {current}"
+        )
+        self.fence = fence
+        self.current = current
+
+
 class ServingStore(ABC):
     @abstractmethod
-    def put_windows(self, states: Sequence[WindowState]) -> None:
+    def claim(self, shard: str) -> Fence:
+        """Become the shard's owner: atomically increment its owner epoch and
+        return the new one. Every earlier fence of the shard stops working."""
+
+    @abstractmethod
+    def check_fence(self, fence: Fence) -> None:
+        """Raise ``FencedError`` if ``fence`` is no longer the shard's owner.
+        (A check, not a lock: use it before side effects the store cannot fence.)"""
+
+    @abstractmethod
+    def put_windows(self, states: Sequence[WindowState], *, fence: Fence | None = None) -> None:
         """Replace the full state of every given group."""
 
     @abstractmethod
-    def delete_windows(self, keys: Sequence[WindowKey]) -> None:
+    def delete_windows(self, keys: Sequence[WindowKey], *, fence: Fence | None = None) -> None:
         """Forget these groups (evicted by the processor). Missing keys are fine."""
 
     @abstractmethod
@@ -50,7 +89,9 @@ class ServingStore(ABC):
         all shards, ordered by (window_start, shard, dims)."""
 
     @abstractmethod
-    def add_revised(self, metric: str, ranges: Sequence[tuple[int, int]]) -> None:
+    def add_revised(
+        self, metric: str, ranges: Sequence[tuple[int, int]], *, fence: Fence | None = None
+    ) -> None:
         """Record ``[start, end)`` ranges revised by late events."""
 
     @abstractmethod
@@ -58,7 +99,9 @@ class ServingStore(ABC):
         """Recorded revised ranges overlapping ``[start_ms, end_ms)``, sorted."""
 
     @abstractmethod
-    def set_progress(self, shard: str, watermarks: dict[str, int]) -> None:
+    def set_progress(
+        self, shard: str, watermarks: dict[str, int], *, fence: Fence | None = None
+    ) -> None:
         """Store the shard's watermark per metric (replaces the previous)."""
 
     @abstractmethod
@@ -67,7 +110,9 @@ class ServingStore(ABC):
 
     @abstractmethod
     def clear(self) -> None:
-        """Remove everything this store holds (tests, ``strata replay``)."""
+        """Remove every window, revised range and progress entry (tests,
+        ``strata replay``). Owner epochs are kept, so a fence taken before
+        never becomes current again."""
 
     @abstractmethod
     def close(self) -> None:

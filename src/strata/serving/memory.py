@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from strata.serving.base import ServingStore, WindowKey
+from strata.serving.base import Fence, FencedError, ServingStore, WindowKey
 from strata.serving.state import WindowState, decode_state, encode_state
 
 
@@ -18,16 +18,36 @@ class MemoryServingStore(ServingStore):
         self._windows: dict[str, dict[int, dict[WindowKey, bytes]]] = {}
         self._revised: dict[str, set[tuple[int, int]]] = {}
         self._progress: dict[str, dict[str, int]] = {}
+        self._owners: dict[str, int] = {}  # shard -> owner epoch (kept by clear())
 
-    def put_windows(self, states: Sequence[WindowState]) -> None:
+    def claim(self, shard: str) -> Fence:
+        with self._lock:
+            epoch = self._owners.get(shard, 0) + 1
+            self._owners[shard] = epoch
+        return Fence(shard, epoch)
+
+    def check_fence(self, fence: Fence) -> None:
+        with self._lock:
+            self._check(fence)
+
+    def _check(self, fence: Fence | None) -> None:
+        # Called with the lock held, so the check and the write are atomic.
+        if fence is not None:
+            current = self._owners.get(fence.shard, 0)
+            if current != fence.epoch:
+                raise FencedError(fence, current)
+
+    def put_windows(self, states: Sequence[WindowState], *, fence: Fence | None = None) -> None:
         encoded = [(s.key, encode_state(s)) for s in states]
         with self._lock:
+            self._check(fence)
             for key, data in encoded:
                 metric, _, start, _ = key
                 self._windows.setdefault(metric, {}).setdefault(start, {})[key] = data
 
-    def delete_windows(self, keys: Sequence[WindowKey]) -> None:
+    def delete_windows(self, keys: Sequence[WindowKey], *, fence: Fence | None = None) -> None:
         with self._lock:
+            self._check(fence)
             for key in keys:
                 metric, _, start, _ = key
                 by_start = self._windows.get(metric, {})
@@ -50,8 +70,11 @@ class MemoryServingStore(ServingStore):
         states.sort(key=lambda s: (s.window_start, s.shard, s.dims))
         return states
 
-    def add_revised(self, metric: str, ranges: Sequence[tuple[int, int]]) -> None:
+    def add_revised(
+        self, metric: str, ranges: Sequence[tuple[int, int]], *, fence: Fence | None = None
+    ) -> None:
         with self._lock:
+            self._check(fence)
             self._revised.setdefault(metric, set()).update((int(a), int(b)) for a, b in ranges)
 
     def revised(self, metric: str, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
@@ -59,8 +82,11 @@ class MemoryServingStore(ServingStore):
             ranges = list(self._revised.get(metric, ()))
         return sorted(r for r in ranges if r[0] < end_ms and r[1] > start_ms)
 
-    def set_progress(self, shard: str, watermarks: dict[str, int]) -> None:
+    def set_progress(
+        self, shard: str, watermarks: dict[str, int], *, fence: Fence | None = None
+    ) -> None:
         with self._lock:
+            self._check(fence)
             self._progress[shard] = dict(watermarks)
 
     def progress(self) -> dict[str, dict[str, int]]:
