@@ -361,6 +361,29 @@ def test_overlapping_shards_and_a_dead_serving_store_are_not_merged(env: Env) ->
     dead.close()
 
 
+def test_capped_windows_stay_on_the_rollup(env: Env) -> None:
+    """A shard whose window hit processor.max_groups publishes
+    ``<metric>#capped_until``: buckets up to it come from the rollup."""
+    service = env.pipeline.query
+    route = service.router.route(sandbox.check(page_views()))
+    copy = MemoryServingStore()
+    copy.put_windows(env.serving.windows("page_views_by_country", 0, 2**62))
+    progress = env.serving.progress()
+    for shard, watermarks in progress.items():
+        copy.set_progress(shard, watermarks)
+    before = _merger(env, copy).plan(route, service._query_rows)
+    assert before is not None and before.merged and before.split_ms is not None
+    capped_until = before.split_ms + 4 * FIVE_MINUTES
+    shard = sorted(progress)[0]
+    copy.set_progress(
+        shard, {**progress[shard], "page_views_by_country#capped_until": capped_until}
+    )
+    after = _merger(env, copy).plan(route, service._query_rows)
+    assert after is not None and after.merged
+    assert after.split_ms == capped_until
+    assert min(s.window_start for s in after.states) >= capped_until
+
+
 def test_after_the_loader_catches_up_equals_raw(env: Env) -> None:
     """Runs last for each backend: it stores the rest of the log."""
     _drain_loader(env.pipeline)

@@ -10,7 +10,8 @@ The serving store fully holds a metric's window when every partition of the
 ``p0-1-…``) and the window starts after ``max(shard watermark) - W - L - R``
 (window, allowed lateness, ``processor.final_retention``): the shard that is
 furthest ahead has evicted the most. ``held_start`` is that bound rounded up
-to a window start.
+to a window start, and no earlier than the end of the last window that hit
+``processor.max_groups`` (``<metric>#capped_until`` in a shard's progress).
 
 A query with a time bucket in GROUP BY is split at ``split``: the first
 bucket boundary at or after ``held_start``. Buckets before it come from the
@@ -35,6 +36,7 @@ from typing import Any
 
 from sqlglot import exp
 
+from strata.processor.engine import capped_key
 from strata.query.results import QueryResult
 from strata.query.router import LiveShape, NotAnswerable, Route, Router
 from strata.serving.base import ServingStore
@@ -181,7 +183,9 @@ class LiveMerger:
         serving = self.serving()
         if serving is None:
             return _not_merged("no serving store is reachable from this process")
-        progress = {s: w[metric.name] for s, w in serving.progress().items() if metric.name in w}
+        everything = serving.progress()
+        shards = list(everything.values())
+        progress = {s: w[metric.name] for s, w in everything.items() if metric.name in w}
         if not progress:
             return _not_merged("the serving store has no watermark for this metric yet")
         covered: list[int] = []
@@ -198,6 +202,11 @@ class LiveMerger:
         watermark = max(progress.values())
         held_from = watermark - window - metric.allowed_lateness_ms - self.retention_ms + 1
         held_start = -(-held_from // window) * window
+        # Windows that reached processor.max_groups lack groups in the
+        # serving store: everything up to the end of the last one is rollup.
+        capped = [w[capped_key(metric.name)] for w in shards if capped_key(metric.name) in w]
+        if capped:
+            held_start = max(held_start, -(-max(capped) // window) * window)
         base: dict[str, Any] = {"watermark_ms": watermark, "held_start_ms": held_start}
         if shape.end_ms is not None and shape.end_ms <= held_start:
             return LivePlan(False, "no live windows in the range: answered from the rollup", **base)
