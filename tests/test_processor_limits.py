@@ -5,10 +5,13 @@ together with their windows (docs/semantics.md, "State size")."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pyarrow as pa
 import pytest
 from tests.fixtures_processor import fill_log
@@ -20,6 +23,7 @@ from strata.log import open_log
 from strata.metrics import compile_metric
 from strata.processor.engine import WindowEngine, decode_snapshot, encode_snapshot
 from strata.processor.runner import Processor
+from strata.serving.base import ServingStore
 from strata.serving.memory import MemoryServingStore
 from strata.store import Store
 from strata.telemetry import REGISTRY
@@ -279,4 +283,64 @@ def test_capped_windows_are_answered_from_the_rollups(tmp_path: Path) -> None:
     finally:
         processor.close()
         store.close()
+        log.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def serving_store(request: pytest.FixtureRequest) -> Iterator[ServingStore]:
+    if request.param == "memory":
+        subject: ServingStore = MemoryServingStore()
+    else:
+        from strata.serving.redis import RedisServingStore
+
+        url = request.getfixturevalue("redis_url")
+        subject = RedisServingStore(url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    yield subject
+    subject.clear()
+    subject.close()
+
+
+def test_the_serving_store_forgets_revised_ranges_before_a_bound(
+    serving_store: ServingStore,
+) -> None:
+    serving_store.add_revised("m", [(0, MIN), (MIN, 2 * MIN), (5 * MIN, 6 * MIN)])
+    serving_store.add_revised("other", [(0, MIN)])
+    for _ in range(2):  # idempotent
+        serving_store.prune_revised("m", MIN)
+        assert serving_store.revised("m", 0, 10 * MIN) == [(MIN, 2 * MIN), (5 * MIN, 6 * MIN)]
+    assert serving_store.revised("other", 0, 10 * MIN) == [(0, MIN)]
+
+
+def test_the_processor_prunes_revised_ranges_when_their_windows_leave_retention(
+    tmp_path: Path,
+) -> None:
+    config = load_config(
+        overrides={
+            "data_dir": str(tmp_path),
+            "log.partitions": 1,
+            "log.fsync": "never",
+            "processor.final_retention": "2m",
+            "processor.max_batch_events": 50,
+            "metrics": [msgspec.to_builtins(BY_PATH)],
+        }
+    )
+    before = rows_for(90, 3, BASE, 90_000, seed=1)  # up to minute 1.5
+    late = rows_for(1, 3, BASE + 10_000, 1, seed=2)  # minute 0: final, still held
+    after = rows_for(300, 3, BASE + 90_000, 8 * MIN, seed=3)
+    fill_log(config, before + late + after)
+    log = open_log(config)
+    serving = MemoryServingStore()
+    reported: list[tuple[int, int]] = []
+    processor = Processor(config, log, serving, on_revised=lambda a, b: reported.append((a, b)))
+    try:
+        while processor.lag():
+            processor.run_once(wait_s=0)
+        processor.flush()
+        assert reported == [(BASE, BASE + MIN)]
+        # The window left retention long ago: its revised range went with it,
+        # from the serving store and from the checkpointed engine state.
+        assert serving.revised(BY_PATH.name, 0, 2**62) == []
+        assert processor.status()["metrics"][BY_PATH.name]["revised_ranges"] == 0
+    finally:
+        processor.close()
         log.close()

@@ -489,6 +489,25 @@ class Processor:
                         self.on_revised(start, end)
                     except Exception:  # a cache hook must not stop processing
                         log.warning("processor: on_revised hook failed", exc_info=True)
+        # Windows left retention: forget revised ranges no reader can serve
+        # live any more (another shard's lag defers it to a later eviction).
+        evicted = {name for name, _, _, _ in step.evicted}
+        for metric in sorted(evicted | {name for name, _, _ in step.pruned_revised}):
+            self.serving.prune_revised(metric, self._held_from(metric))
+
+    def _held_from(self, name: str) -> int:
+        """Start of the oldest window of metric ``name`` that readers may still
+        answer from the serving store (``strata.serving.api``): by the slowest
+        shard's watermark, so no shard's revised range is forgotten early."""
+        metric = self.metrics_by_name[name]
+        marks = [
+            w[name]
+            for shard, w in self.serving.progress().items()
+            if name in w and shard != self.shard
+        ]
+        watermark = min([self.engine.by_name[name].watermark, *marks])
+        lateness = metric.allowed_lateness_ms
+        return watermark - metric.window_ms - lateness - self.retention_ms + 1
 
     def _early_firing(self, now: int) -> None:
         dirty = self.engine.take_dirty()

@@ -99,6 +99,12 @@ class ServingStore(ABC):
         """Recorded revised ranges overlapping ``[start_ms, end_ms)``, sorted."""
 
     @abstractmethod
+    def prune_revised(self, metric: str, before_ms: int) -> None:
+        """Forget the recorded revised ranges of ``metric`` that start before
+        ``before_ms``: their windows are no longer held live, so no answer
+        from the serving store covers them any more. Idempotent."""
+
+    @abstractmethod
     def set_progress(
         self, shard: str, watermarks: dict[str, int], *, fence: Fence | None = None
     ) -> None:

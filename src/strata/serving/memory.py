@@ -82,6 +82,12 @@ class MemoryServingStore(ServingStore):
             ranges = list(self._revised.get(metric, ()))
         return sorted(r for r in ranges if r[0] < end_ms and r[1] > start_ms)
 
+    def prune_revised(self, metric: str, before_ms: int) -> None:
+        with self._lock:
+            ranges = self._revised.get(metric)
+            if ranges:
+                self._revised[metric] = {r for r in ranges if r[0] >= before_ms}
+
     def set_progress(
         self, shard: str, watermarks: dict[str, int], *, fence: Fence | None = None
     ) -> None:

@@ -205,6 +205,16 @@ class RedisServingStore(ServingStore):
                 ranges.append((int(a), int(b)))
         return sorted(ranges)
 
+    def prune_revised(self, metric: str, before_ms: int) -> None:
+        # Scores are range starts; idempotent, so it needs no fence.
+        self._call(
+            "revised",
+            self.client.zremrangebyscore,
+            self._k("rev", metric),
+            "-inf",
+            f"({int(before_ms)}",
+        )
+
     def set_progress(
         self, shard: str, watermarks: dict[str, int], *, fence: Fence | None = None
     ) -> None:
