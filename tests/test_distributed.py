@@ -13,8 +13,13 @@
    the whole issue-7 shape, tansu + redis-server + 2 `strata ingest` +
    2 `strata process --group` (one consumer group, Redis serving) +
    1 `strata archive` + 1 `strata query-api`; one processor is killed with -9
-   and its partitions move, with their checkpoints and journals, to the other
-   (see that test's docstring for what the results are compared with).
+   and its partitions move, with their checkpoints and journals, to the other;
+   afterwards an embedded `strata serve` is fed the same events and every
+   result is compared (see that test's docstring).
+
+3. Fencing (decision 090): a superseded partition owner in-process, and a
+   `strata process --group` member stopped with SIGSTOP past its session
+   timeout and resumed after the other member took over.
 """
 
 from __future__ import annotations
@@ -564,15 +569,22 @@ def test_processor_group_archiver_and_query_api_survive_a_processor_kill(
     partitions to the other, which restores their checkpoints and re-executes
     their journals.
 
-    The windowed reference is an *independent computation from the log
-    records* (not a separate embedded run): per metric, 2 s window and
-    dimension value, the serving store's windows merged over the partition
-    shards must equal count() and exact distinct users over the records the
-    processors and the loader both read (late events are still folded into
-    their held windows, so every record counts once; client retries are in
-    the log twice and count once, as in the raw table). Every final window that was not revised later must
-    be in `window_results` once with the same count. The raw table and the
-    lake must hold exactly the acknowledged event_ids.
+    First reference, an *independent computation from the log records*: per
+    metric, 2 s window and dimension value, the serving store's windows
+    merged over the partition shards must equal count() and exact distinct
+    users over the records the processors and the loader both read (late
+    events are still folded into their held windows, so every record counts
+    once; client retries are in the log twice and count once, as in the raw
+    table). Every final window that was not revised later must be in
+    `window_results` once with the same count. The raw table and the lake
+    must hold exactly the acknowledged event_ids.
+
+    Second reference, the *embedded shape fed the same events*: the
+    distributed roles stop, and one `strata serve` gets the distributed
+    log's records (retries included) as client events with the same
+    event_ids and event times; its raw ids, rollups, live windows, final
+    window results and lake must equal the distributed run's
+    (``shape_results`` says exactly what is compared and why).
     """
     import pyarrow.parquet as pq
 
