@@ -1,6 +1,7 @@
 """Chaos soak: steady traffic through `strata serve` while faults are injected.
 
     python -m benchmarks.chaos --minutes 10 [--rate 300] [--fault-every 8] [--seed 1]
+    python -m benchmarks.chaos --shape roles --minutes 10   # the multi-process shape
 
 A client thread posts generated batches at a steady rate. A batch that gets
 no 2xx (connection refused, reset, 5xx, timeout) is retried with the *same*
@@ -15,6 +16,17 @@ injected every ``--fault-every`` seconds, cycling through:
 * ``kill_at_checkpoint``: kill -9 of the core the moment a loader or
   processor checkpoint file changes (with 200 ms checkpoint intervals the
   core is then inside its checkpoint/commit sequence).
+
+``--shape roles`` runs the multi-process shape on one host instead, every
+role its own process on one data directory (embedded log) plus a
+``redis-server`` for the live windows: ``strata ingest --workers 2``,
+``strata query-api`` (loaders + query API, owns chDB), ``strata process``
+and ``strata archive``. The benchmark is their service manager: a role
+killed with -9 is started again at once. Faults, in turn (``ROLE_FAULTS``):
+kill -9 of ``strata ingest`` itself and of one of its workers, of
+``query-api``, ``process`` and ``archive``; kill -9 of ``query-api`` / of
+``process`` the moment one of their checkpoint files changes; SIGSTOP /
+SIGCONT of ``query-api``, ``process`` and an ingest worker.
 
 Recovery time of a fault: from the injection (for a pause: from SIGCONT)
 until ``/readyz`` answers 200 *and* a one-event probe batch is acknowledged.
@@ -53,6 +65,11 @@ WRITE_KEY = "wk_chaos_key"
 ADMIN_TOKEN = "at_chaos_token"
 FAULTS = ["kill_ingest", "pause_core", "kill_core", "pause_ingest", "kill_at_checkpoint",
           "kill_supervisor"]
+ROLE_FAULTS = ["kill_ingest_worker", "pause_query_api", "kill_query_api", "pause_process",
+               "kill_process", "kill_query_api_at_checkpoint", "pause_ingest_worker",
+               "kill_archive", "kill_process_at_checkpoint", "kill_ingest_role"]
+LOADER_CHECKPOINTS = ("loader/**/checkpoint.json",)
+PROCESSOR_CHECKPOINTS = ("processor/**/checkpoint.msgpack",)
 
 
 def free_port() -> int:
@@ -156,6 +173,217 @@ class Serve:
         return dict(response.json())
 
 
+class Roles:
+    """The multi-process shape on one host: ``strata ingest``, ``query-api``,
+    ``process`` and ``archive`` on one data dir (embedded log), a
+    ``redis-server`` for the live windows. Same interface as ``Serve`` for
+    the traffic, the probes and the audit; ``url`` is the ingest role's,
+    ``query_url`` the query API's."""
+
+    ROLES = ("ingest", "query-api", "process", "archive")
+
+    def __init__(self, data_dir: Path, workers: int = 2) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.query_port = free_port()
+        self.redis_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.query_url = f"http://127.0.0.1:{self.query_port}"
+        self.workers = workers
+        self.log_path = data_dir.parent / f"{data_dir.name}-roles.log"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.env = {
+            **Serve(data_dir).env,
+            "STRATA_SERVING__BACKEND": '"redis"',
+            "STRATA_SERVING__REDIS_URL": f'"redis://127.0.0.1:{self.redis_port}/0"',
+        }
+        self.client = httpx.Client(timeout=10.0)
+
+    def argv(self, role: str) -> list[str]:
+        base = [sys.executable, "-m", "strata.cli", role, "--data-dir", str(self.data_dir)]
+        if role == "ingest":
+            return base + ["--port", str(self.port), "--workers", str(self.workers)]
+        if role == "query-api":
+            return base + ["--port", str(self.query_port)]
+        return base
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.redis is None:
+            self.redis = subprocess.Popen(
+                ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        # The query API first: it creates the store's tables.
+        for role in self.ROLES:
+            self.start_role(role)
+            if role == "query-api":
+                self._wait_http(self.query_url, 180)
+
+    def start_role(self, role: str) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.processes[role] = subprocess.Popen(self.argv(role), env=self.env, stdout=log,
+                                                stderr=subprocess.STDOUT)
+        log.close()
+
+    def pid(self, role: str) -> int | None:
+        process = self.processes.get(role)
+        return process.pid if process is not None and process.poll() is None else None
+
+    def ingest_workers(self) -> list[int]:
+        pid = self.pid("ingest")
+        if pid is None:
+            return []
+        try:
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(x) for x in text.split()]
+
+    def restart_dead(self) -> None:
+        """What a service manager does: start every role that is not running."""
+        for role in self.ROLES:
+            if self.pid(role) is None:
+                self.start_role(role)
+
+    def _http_ready(self, url: str) -> bool:
+        try:
+            return self.client.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _wait_http(self, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._http_ready(url):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not ready in {timeout}s: {self.log_path}")
+            time.sleep(0.1)
+
+    def ready(self) -> bool:
+        return (all(self.pid(role) is not None for role in self.ROLES)
+                and self._http_ready(self.url) and self._http_ready(self.query_url))
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"roles not ready in {timeout}s: {self.log_path}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        # Ingest first, then the readers drain what the log holds.
+        for group in (("ingest",), ("process", "archive", "query-api")):
+            for role in group:
+                process = self.processes.get(role)
+                if process is not None and process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for role in group:
+                process = self.processes.get(role)
+                if process is None:
+                    continue
+                try:
+                    process.wait(180)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.kill()
+            self.redis.wait()
+
+    def sql(self, query: str) -> list[list[Any]]:
+        response = self.client.post(f"{self.query_url}/v1/sql", json={"sql": query},
+                                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=120)
+        response.raise_for_status()
+        return list(response.json()["rows"])
+
+    def status(self) -> dict[str, Any]:
+        response = self.client.get(f"{self.query_url}/v1/status",
+                                   headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+        response.raise_for_status()
+        return dict(response.json())
+
+
+def inject_role_fault(fault: str, roles: Roles, rng: random.Random, pause_s: float) -> float | None:
+    """One fault of ``ROLE_FAULTS``; a role killed with -9 is started again at
+    once. Returns the monotonic time recovery is measured from, or None."""
+    victims: list[int] = []
+
+    def kill(pid: int | None) -> bool:
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        victims.append(pid)
+        return True
+
+    def pause(pid: int | None) -> float | None:
+        if pid is None:
+            return None
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return None
+        time.sleep(pause_s)
+        os.kill(pid, signal.SIGCONT)
+        return time.monotonic()
+
+    def worker() -> int | None:
+        workers = roles.ingest_workers()
+        return rng.choice(workers) if workers else None
+
+    if fault == "kill_ingest_worker":  # the ingest role restarts its worker
+        return time.monotonic() if kill(worker()) else None
+    if fault == "pause_ingest_worker":
+        return pause(worker())
+    if fault.startswith("pause_"):
+        return pause(roles.pid(fault.removeprefix("pause_").replace("_", "-")))
+    if fault.endswith("_at_checkpoint"):
+        role = fault.removeprefix("kill_").removesuffix("_at_checkpoint").replace("_", "-")
+        patterns = LOADER_CHECKPOINTS if role == "query-api" else PROCESSOR_CHECKPOINTS
+        pid = roles.pid(role)
+        killed = _kill_when_checkpointed(roles.data_dir, lambda: pid, patterns)
+        if killed and pid is not None:
+            victims.append(pid)
+    elif fault == "kill_ingest_role":
+        process = roles.processes["ingest"]
+        workers = roles.ingest_workers()
+        killed = kill(roles.pid("ingest"))
+        if killed:
+            process.wait(30)
+            _wait_gone(workers)  # its workers die with it; the port must be free
+    else:
+        role = fault.removeprefix("kill_").replace("_", "-")
+        if role not in Roles.ROLES:
+            raise ValueError(f"unknown fault {fault!r}")
+        killed = kill(roles.pid(role))
+    if not killed:
+        return None
+    started = time.monotonic()
+    for process in roles.processes.values():
+        # The victim is dead or about to be: reap it, then start it again.
+        try:
+            process.wait(0 if process.pid not in victims else 30)
+        except subprocess.TimeoutExpired:
+            pass
+    roles.restart_dead()
+    return started
+
+
+def _wait_gone(pids: list[int], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+
+
 def post_until_acked(client: httpx.Client, url: str, batch: list[dict[str, Any]],
                      stop_at: float) -> tuple[list[str], int]:
     """Post ``batch`` until a 2xx (same event_ids every time). Returns the
@@ -221,6 +449,7 @@ class Traffic:
 class Report:
     minutes: float
     rate: float
+    shape: str = "serve"
     events_acknowledged: int = 0
     probe_events: int = 0
     client_retries: int = 0
@@ -251,7 +480,7 @@ class Report:
     def text(self) -> str:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
         return "\n".join([
-            f"load: {self.rate:.0f} events/s for {self.minutes:g} min",
+            f"load: {self.rate:.0f} events/s for {self.minutes:g} min ({self.shape})",
             f"events acknowledged: {self.events_acknowledged} (+{self.probe_events} probes), "
             f"client retries {self.client_retries}",
             f"faults injected: {sum(self.faults.values())} ({faults})",
@@ -276,9 +505,11 @@ def _signal_child(serve: Serve, name_prefix: str, sig: int, rng: random.Random) 
     return pid
 
 
-def _checkpoint_mtimes(data_dir: Path) -> dict[Path, float]:
+def _checkpoint_mtimes(data_dir: Path,
+                       patterns: tuple[str, ...] = LOADER_CHECKPOINTS + PROCESSOR_CHECKPOINTS,
+                       ) -> dict[Path, float]:
     out: dict[Path, float] = {}
-    for pattern in ("loader/**/checkpoint.json", "processor/**/checkpoint.msgpack"):
+    for pattern in patterns:
         for path in data_dir.glob(pattern):
             try:
                 out[path] = path.stat().st_mtime_ns
@@ -288,12 +519,19 @@ def _checkpoint_mtimes(data_dir: Path) -> dict[Path, float]:
 
 
 def _kill_at_checkpoint(serve: Serve, timeout: float = 10.0) -> bool:
-    before = _checkpoint_mtimes(serve.data_dir)
+    return _kill_when_checkpointed(serve.data_dir, lambda: serve.children().get("core"),
+                                   LOADER_CHECKPOINTS + PROCESSOR_CHECKPOINTS, timeout)
+
+
+def _kill_when_checkpointed(data_dir: Path, pid_of: Any, patterns: tuple[str, ...],
+                            timeout: float = 10.0) -> bool:
+    """kill -9 of ``pid_of()`` the moment one of the checkpoint files changes."""
+    before = _checkpoint_mtimes(data_dir, patterns)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        now = _checkpoint_mtimes(serve.data_dir)
+        now = _checkpoint_mtimes(data_dir, patterns)
         if any(now.get(path) != mtime for path, mtime in before.items()) or set(now) - set(before):
-            pid = serve.children().get("core")
+            pid = pid_of()
             if pid is None:
                 return False
             try:
@@ -397,15 +635,19 @@ def wait_caught_up(serve: Serve, timeout: float = 600) -> None:
 def run_chaos(data_dir: Path, *, minutes: float, rate: float = 300, fault_every: float = 8.0,
               pause_s: float = 2.0, seed: int = 1, workers: int = 2,
               faults: list[str] | None = None, rounds: int | None = None,
-              progress: bool = True) -> Report:
+              progress: bool = True, shape: str = "serve") -> Report:
     """Run the soak on a fresh ``data_dir``; returns the audited report.
 
-    ``rounds``: stop after every fault was injected this many times (then
-    ``minutes`` is only an upper bound), instead of when ``minutes`` end."""
+    ``shape``: ``serve`` (`strata serve`, faults ``FAULTS``) or ``roles``
+    (the multi-process shape, faults ``ROLE_FAULTS``). ``rounds``: stop
+    after every fault was injected this many times (then ``minutes`` is only
+    an upper bound), instead of when ``minutes`` end."""
     rng = random.Random(seed)
-    schedule = list(faults or FAULTS)
-    report = Report(minutes=minutes, rate=rate)
-    serve = Serve(data_dir, workers=workers)
+    if shape not in ("serve", "roles"):
+        raise ValueError(f"shape: {shape!r} is not 'serve' or 'roles'")
+    schedule = list(faults or (FAULTS if shape == "serve" else ROLE_FAULTS))
+    report = Report(minutes=minutes, rate=rate, shape=shape)
+    serve: Any = Serve(data_dir, workers=workers) if shape == "serve" else Roles(data_dir, workers)
     serve.start()
     serve.wait_ready()
     traffic = Traffic(serve.url, rate, seed=seed)
@@ -424,7 +666,10 @@ def run_chaos(data_dir: Path, *, minutes: float, rate: float = 300, fault_every:
                 break
             fault = schedule[index % len(schedule)]
             index += 1
-            started = inject(fault, serve, rng, pause_s)
+            if shape == "serve":
+                started = inject(fault, serve, rng, pause_s)
+            else:
+                started = inject_role_fault(fault, serve, rng, pause_s)
             if started is None:
                 continue
             wait_recovered(serve, probe_client, probes)
@@ -459,13 +704,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", help="default: a fresh temporary directory")
+    parser.add_argument("--shape", choices=["serve", "roles"], default="serve",
+                        help="`strata serve` (default) or the multi-process shape")
     args = parser.parse_args(argv)
     base = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="strata-chaos-"))
     data_dir = base / "data"
-    print(f"chaos: {args.minutes:g} min at {args.rate:g} events/s, a fault every "
+    print(f"chaos ({args.shape}): {args.minutes:g} min at {args.rate:g} events/s, a fault every "
           f"{args.fault_every:g} s; data in {data_dir}", flush=True)
     report = run_chaos(data_dir, minutes=args.minutes, rate=args.rate, fault_every=args.fault_every,
-                       pause_s=args.pause, seed=args.seed, workers=args.workers)
+                       pause_s=args.pause, seed=args.seed, workers=args.workers, shape=args.shape)
     print(report.text())
     if report.recovery_s:
         print(f"recovery mean {statistics.mean(report.recovery_s):.2f} s over "
