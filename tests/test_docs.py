@@ -35,3 +35,16 @@ def test_readme_has_the_two_quick_start_commands() -> None:
     assert "python3 -m pip install . && python3 -m strata serve --demo" in readme
     assert "bash scripts/test.sh" in readme
     assert "scripts/test.sh" in (DOCS.parent / ".ci" / "run").read_text()
+
+
+def test_every_emitted_prometheus_metric_has_help_text() -> None:
+    """A metric without HELP renders as `untyped` with its name as help."""
+    import re
+
+    from strata.telemetry import HELP
+
+    src = Path(__file__).resolve().parents[1] / "src" / "strata"
+    pattern = re.compile(r'REGISTRY\.(?:inc|set|observe)\(\s*"(strata_[a-z_]+)"')
+    emitted = {m for f in src.rglob("*.py") for m in pattern.findall(f.read_text())}
+    assert len(emitted) > 10
+    assert sorted(emitted - set(HELP)) == []

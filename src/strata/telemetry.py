@@ -34,6 +34,16 @@ HELP = {
     "strata_freshness_seconds": ("gauge", "Wall clock minus the newest event time in the store."),
     "strata_query_seconds": ("histogram", "Query API latency, by endpoint."),
     "strata_late_events_total": ("counter", "Events that arrived after their window was final."),
+    "strata_ingest_quarantined_total": ("counter", "Events stored in quarantine by schema checks."),
+    "strata_log_dropped_uncommitted_records_total": (
+        "counter", "Log records deleted by size retention before a group committed them."),
+    "strata_processor_groups": ("gauge", "Window groups held live, by processor shard."),
+    "strata_processor_over_limit_events_total": (
+        "counter", "Events not kept live because processor.max_groups was reached, by shard."),
+    "strata_query_cache_total": ("counter", "Result cache lookups, by result (hit, miss)."),
+    "strata_query_cache_invalidations_total": (
+        "counter", "Result cache entries dropped because late data revised their range."),
+    "strata_query_rate_limited_total": ("counter", "Queries refused with 429 by the rate limit."),
 }
 
 
