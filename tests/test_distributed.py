@@ -418,7 +418,10 @@ def shape_results(query: Any, lake: Path, redis_url: str, prefix: str) -> dict[s
     that no late event touched in either shape and for which every shard
     holding the window has fired it final. Not compared: id and shard (they
     name the shard), watermark and emitted_at (wall-clock and per-shard),
-    _partition/_offset (positions in the window_results topic)."""
+    _partition/_offset (positions in the window_results topic). Within each
+    shape, every final window's served count must equal its `window_results`
+    event_count plus its `late_events` rows (``final_plus_late``), so the
+    windows that late events touched are accounted for too."""
     import json
 
     results: dict[str, Any] = {}
@@ -444,12 +447,19 @@ def shape_results(query: Any, lake: Path, redis_url: str, prefix: str) -> dict[s
         holders.setdefault((state.metric, state.window_start, state.dims[0]), set()).add(
             state.shard
         )
-    late = {
-        (r[0], int(r[1]), dims_of[r[2]][DIMENSION[r[0]]])
-        for r in query(
-            "SELECT metric, toUnixTimestamp64Milli(window_start), event_id FROM late_events"
-        )
-    }
+    embedded = {state.shard for state in states} == {"all"}
+    late_rows = query(
+        "SELECT metric, toUnixTimestamp64Milli(window_start), event_id, source_partition "
+        "FROM late_events"
+    )
+    late = {(r[0], int(r[1]), dims_of[r[2]][DIMENSION[r[0]]]) for r in late_rows}
+    # Per shard and window: served count = count at the final firing + late events.
+    late_counts: dict[tuple[str, tuple[str, int, str]], int] = {}
+    for metric, start, event_id, partition in late_rows:
+        shard = "all" if embedded else f"p{partition}"
+        key = (metric, int(start), dims_of[event_id][DIMENSION[metric]])
+        late_counts[(shard, key)] = late_counts.get((shard, key), 0) + 1
+    final_counts: dict[tuple[str, tuple[str, int, str]], int] = {}
     finals: dict[tuple[str, int, int, str], list[tuple[str, int, dict[str, int]]]] = {}
     for metric, start, end, dims, shard, aggregates, event_count in query(
         "SELECT metric, toUnixTimestamp64Milli(window_start), toUnixTimestamp64Milli(window_end),"
@@ -459,6 +469,16 @@ def shape_results(query: Any, lake: Path, redis_url: str, prefix: str) -> dict[s
         finals.setdefault((metric, int(start), int(end), value), []).append(
             (shard, int(event_count), json.loads(aggregates))
         )
+        final_counts[(shard, (metric, int(start), value))] = int(event_count)
+    results["final_plus_late"] = {
+        (state.shard, (state.metric, state.window_start, state.dims[0])): (
+            state.count,
+            final_counts.get((state.shard, (state.metric, state.window_start, state.dims[0])), 0)
+            + late_counts.get((state.shard, (state.metric, state.window_start, state.dims[0])), 0),
+        )
+        for state in states
+        if state.final
+    }
     merged = {}
     for (metric, start, end, value), rows in finals.items():
         key = (metric, start, value)
@@ -477,6 +497,11 @@ def shape_results(query: Any, lake: Path, redis_url: str, prefix: str) -> dict[s
 
 def assert_same_results(distributed: dict[str, Any], embedded: dict[str, Any]) -> None:
     """The comparison of ``shape_results`` the issue asks for."""
+    for shape in (distributed, embedded):
+        # Within each shape: every final window's served count is its count
+        # at the final firing plus the late events folded in afterwards.
+        mismatched = {k: v for k, v in shape["final_plus_late"].items() if v[0] != v[1]}
+        assert shape["final_plus_late"] and not mismatched, list(mismatched.items())[:10]
     assert distributed["event_ids"] == embedded["event_ids"]
     for name in sorted(distributed):
         if name.startswith("rollup_"):
@@ -493,7 +518,10 @@ def assert_same_results(distributed: dict[str, Any], embedded: dict[str, Any]) -
         for key in set(distributed["window_results"]) & set(embedded["window_results"])
         if key[:2] + key[3:] not in touched
     }
-    assert len(comparable) >= 10, (len(comparable), len(touched))
+    # The generated traffic sends ~3 % of events 1-20 s out of order, so most
+    # 2 s windows receive a late event in one shape or the other; about 15
+    # (metric, window, value) finals stay comparable in a run.
+    assert len(comparable) >= 5, (len(comparable), len(touched))
     got = {k: distributed["window_results"][k] for k in comparable}
     want = {k: embedded["window_results"][k] for k in comparable}
     assert got == want, differences(got, want)
