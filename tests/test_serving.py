@@ -144,3 +144,34 @@ def test_open_serving_picks_backend(redis_url: str, tmp_path) -> None:  # noqa: 
     )
     assert isinstance(remote, RedisServingStore)
     remote.close()
+
+
+def test_fenced_writes_need_the_current_owner_epoch(store: ServingStore) -> None:
+    """claim() supersedes every earlier fence of the shard: a stale fence's
+    writes raise FencedError and change nothing; unfenced writes still work;
+    clear() keeps the epochs (decision 090)."""
+    from strata.serving import FencedError
+
+    old = store.claim("p0")
+    store.put_windows([state(0, ["DE"], 1, ("a",), shard="p0")], fence=old)
+    store.set_progress("p0", {"m": 5}, fence=old)
+    new = store.claim("p0")
+    assert new.epoch == old.epoch + 1 and store.claim("p1").epoch == 1
+    store.put_windows([state(0, ["DE"], 2, ("a", "b"), shard="p0")], fence=new)
+    attempts = [
+        lambda: store.put_windows([state(0, ["DE"], 9, ("z",), shard="p0")], fence=old),
+        lambda: store.delete_windows([("m", "p0", 0, ("DE",))], fence=old),
+        lambda: store.add_revised("m", [(0, 300_000)], fence=old),
+        lambda: store.set_progress("p0", {"m": 1}, fence=old),
+        lambda: store.check_fence(old),
+    ]
+    for attempt in attempts:
+        with pytest.raises(FencedError, match="superseded by epoch"):
+            attempt()
+    [kept] = store.windows("m", 0, 300_000)
+    assert kept.count == 2 and store.progress() == {"p0": {"m": 5}}
+    assert store.revised("m", 0, 300_000) == []
+    store.check_fence(new)
+    store.put_windows([state(300_000, ["FR"], 1, ("c",), shard="all")])  # unfenced
+    store.clear()
+    assert store.claim("p0").epoch == new.epoch + 1
