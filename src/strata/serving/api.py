@@ -2,8 +2,9 @@
 the rollups and open windows from the serving store.
 
 For a metric with window W, allowed lateness L, processor watermark M (the
-minimum over processor shards) and ``processor.final_retention`` R, the
-serving store holds every window starting after ``M - W - L - R``. A bucket
+minimum over processor shards), the furthest-ahead shard's watermark X and
+``processor.final_retention`` R, the serving store holds every window
+starting after ``X - W - L - R`` (each shard evicts by its own watermark). A bucket
 of the requested granularity is answered from the serving store when all its
 windows are held there, else from the rollups (which the loader keeps from
 the raw events and which late events correct). Buckets are never split
@@ -108,10 +109,12 @@ class LiveMetrics:
         shards = [w[metric.name] for w in progress if metric.name in w]
         watermark = min(shards) if shards else None
         # Serving answers buckets whose windows it all holds, if windows tile buckets.
+        # Each shard evicts by its own watermark, so the furthest-ahead shard
+        # decides what every shard still holds.
         horizon: int | None = None
         if watermark is not None and step % metric.window_ms == 0:
             held_from = (
-                watermark - metric.window_ms - metric.allowed_lateness_ms - self.retention_ms + 1
+                max(shards) - metric.window_ms - metric.allowed_lateness_ms - self.retention_ms + 1
             )
             horizon = max(first_bucket, -(-held_from // step) * step)
             # Windows that reached processor.max_groups lack groups in the
