@@ -223,7 +223,13 @@ class Loader:
         Missing rows are staged and attached; a table partition holding a
         row twice is rebuilt in staging with one row per position and
         swapped in. Neither fires the materialized views: the token insert
-        already fed them, and they deduplicate it on their own."""
+        already fed them, and they deduplicate it on their own. Runs under
+        the store's lock (as the batch job's replaces, decision 032), so no
+        other write to the table lands between a copy and its replace."""
+        with self.store._lock:
+            self._repair_locked(data)
+
+    def _repair_locked(self, data: pa.Table) -> None:
         table = self.sink.table
         expected = set(zip(data.column("_partition").to_pylist(),
                            data.column("_offset").to_pylist(), strict=True))
