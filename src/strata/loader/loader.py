@@ -50,9 +50,22 @@ from strata.loader.sinks import Sink
 from strata.log.base import Consumer, Log, RecordBatch
 from strata.masking import DeletedUsers
 from strata.store import Store
-from strata.store.ddl import sql_file, statements
+from strata.store.ddl import sql_file
 
 log = logging.getLogger("strata.loader")
+
+
+def _templates() -> dict[str, str]:
+    """The named statements of ``store/sql/loader_repair.sql``."""
+    out: dict[str, str] = {}
+    for chunk in re.split(r"^-- name: ", sql_file("loader_repair.sql"), flags=re.M)[1:]:
+        name, _, body = chunk.partition("\n")
+        lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
+        out[name.strip()] = "\n".join(lines).strip().rstrip(";")
+    return out
+
+
+REPAIR_SQL = _templates()
 
 
 @dataclass
@@ -247,16 +260,15 @@ class Loader:
             for partition_id in sorted(partition_ids):
                 self._prepare_staging(staging)
                 self.store.command(
-                    sql_file("loader_repair_copy.sql").format(staging=staging, table=table),
+                    REPAIR_SQL["stage_partition_once"].format(staging=staging, table=table),
                     {"partition_id": partition_id},
                 )
-                self.store.command(
-                    f"ALTER TABLE {table} REPLACE PARTITION ID '{partition_id}' FROM {staging}"
-                )
+                self.store.command(REPAIR_SQL["replace_partition"].format(
+                    table=table, staging=staging, partition_id=partition_id))
             self.stats.repaired_duplicate_rows += sum(n - 1 for n in doubled.values())
         if missing:
             log.warning("loader %s: re-executed plan found %d rows missing from %s "
-                        "(their token was recorded, their part was not); attaching them",
+                        "(the store dropped them as already inserted); attaching them",
                         self.sink.topic, len(missing), table)
             keep = np.array([key in missing for key in zip(
                 data.column("_partition").to_pylist(), data.column("_offset").to_pylist(),
@@ -265,9 +277,8 @@ class Loader:
             self.store.insert_arrow(staging, data.filter(pa.array(keep)),
                                     settings={"insert_deduplicate": 0})
             for partition_id in self._staged_partition_ids(staging):
-                self.store.command(
-                    f"ALTER TABLE {table} ATTACH PARTITION ID '{partition_id}' FROM {staging}"
-                )
+                self.store.command(REPAIR_SQL["attach_partition"].format(
+                    table=table, staging=staging, partition_id=partition_id))
             self.stats.repaired_missing_rows += len(missing)
         self._prepare_staging(staging)
 
@@ -285,26 +296,25 @@ class Loader:
             where = ("AND ts >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC') "
                      "AND ts <= fromUnixTimestamp64Milli({hi:Int64}, 'UTC')")
         _, rows = self.store.query_rows(
-            sql_file("loader_repair_positions.sql").format(table=self.sink.table, where=where),
+            REPAIR_SQL["stored_positions"].format(table=self.sink.table, where=where),
             parameters,
         )
         return {(int(p), int(o)): int(n) for p, o, n in rows}
 
     def _partition_ids_of(self, keys: Iterable[tuple[int, int]]) -> set[str]:
         _, rows = self.store.query_rows(
-            sql_file("loader_repair_partition_ids.sql").format(table=self.sink.table),
+            REPAIR_SQL["partitions_of_positions"].format(table=self.sink.table),
             {"keys": [tuple(key) for key in keys]},
         )
         return {_partition_id(row[0]) for row in rows}
 
     def _staged_partition_ids(self, staging: str) -> list[str]:
-        _, rows = self.store.query_rows(f"SELECT DISTINCT _partition_id FROM {staging}")
+        _, rows = self.store.query_rows(REPAIR_SQL["staged_partitions"].format(staging=staging))
         return sorted(_partition_id(row[0]) for row in rows)
 
     def _prepare_staging(self, staging: str) -> None:
-        text = sql_file("loader_repair.sql").format(staging=staging, table=self.sink.table)
-        for statement in statements(text):
-            self.store.command(statement)
+        for name in ("create_staging", "truncate_staging"):
+            self.store.command(REPAIR_SQL[name].format(staging=staging, table=self.sink.table))
 
     def dedup_token(self, ranges: dict[int, tuple[int, int]]) -> str:
         plan = ",".join(f"{p}:{a}-{b}" for p, (a, b) in sorted(ranges.items()))
