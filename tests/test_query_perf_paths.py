@@ -33,6 +33,7 @@ from strata.query.metrics_api import (
     _utc,
     funnel_sql_fold,
     funnel_sql_steps,
+    steps_exclusive,
 )
 from strata.server.pipeline import Pipeline
 
@@ -142,9 +143,12 @@ def test_funnel_matches_fold_and_greedy_references_on_random_data(env: Env, seed
     base = env.base + seed * DAY_MS
     env.add(_random_rows(base, seed), f"rand-{seed}")
     rng = random.Random(100 + seed)
-    for _ in range(4):
+    for attempt in range(6):
         steps: list[dict[str, str]] = []
-        for _ in range(rng.randint(2, 6)):
+        if attempt < 2:  # distinct event types: the packed (exclusive) query
+            steps = [{"event_type": t} for t in rng.sample(["a", "b", "c", "d"], rng.randint(2, 4))]
+            assert steps_exclusive(steps)
+        for _ in range(rng.randint(2, 6) if attempt >= 2 else 0):
             step = {"event_type": rng.choice(["a", "b", "c", "d"])}
             if rng.random() < 0.3:
                 step["platform"] = "web"
@@ -174,8 +178,12 @@ def test_fast_and_general_funnel_paths_agree_on_random_data(
     base = env.base + 5 * DAY_MS
     env.add(_random_rows(base, 7, users=80), f"paths-{breakdown}")
     rng = random.Random(7 if breakdown else 8)
-    for _ in range(5):
-        steps = [{"event_type": rng.choice(["a", "b", "c", "d"])} for _ in range(rng.randint(2, 9))]
+    for attempt in range(6):
+        if attempt % 2:
+            steps = [{"event_type": rng.choice(["a", "b", "c", "d"])} for _ in range(9)]
+        else:
+            steps = [{"event_type": t} for t in rng.sample(["a", "b", "c"], 3)]
+            steps += [{"event_type": "d", "platform": p} for p in ("ios", "web")]
         parameters: dict[str, Any] = {
             "start": _utc(base),
             "end": _utc(base + 6 * 3_600_000),
@@ -183,14 +191,26 @@ def test_fast_and_general_funnel_paths_agree_on_random_data(
         }
         conditions = [_step_condition(i, step, parameters) for i, step in enumerate(steps)]
         store = env.pipeline.store
-        fast = store.query_rows(funnel_sql_steps(conditions, 4 * 3_600_000, breakdown), parameters)
-        general = store.query_rows(
-            funnel_sql_fold(conditions, 4 * 3_600_000, breakdown), parameters
-        )
-        # users and mean time to convert; the median is ClickHouse's sampled one
-        assert [r[:3] for r in fast[1]] == [r[:3] for r in general[1]]
-        assert [r[3] for r in fast[1]] == pytest.approx([r[3] for r in general[1]], nan_ok=True)
-        assert fast[1] and fast[1][0][2] > 0
+        window = 4 * 3_600_000
+        general = store.query_rows(funnel_sql_fold(conditions, window, breakdown), parameters)
+        variants = [False, True] if steps_exclusive(steps) else [False]
+        assert variants == ([False] if attempt % 2 else [False, True])
+        for exclusive in variants:
+            sql = funnel_sql_steps(conditions, window, breakdown, exclusive)
+            fast = store.query_rows(sql, parameters)
+            # users and mean time to convert; the median is ClickHouse's sampled one
+            assert [r[:3] for r in fast[1]] == [r[:3] for r in general[1]]
+            means = [r[3] for r in general[1]]
+            assert [r[3] for r in fast[1]] == pytest.approx(means, nan_ok=True)
+            assert fast[1] and fast[1][0][2] > 0
+
+
+def test_steps_exclusive() -> None:
+    assert steps_exclusive([{"event_type": "a"}, {"event_type": "b"}])
+    assert not steps_exclusive([{"event_type": "a"}, {"event_type": "a"}])
+    assert not steps_exclusive([{"event_type": "a"}, {"platform": "web"}])
+    assert steps_exclusive([{"event_type": "a", "platform": "ios"}, {"platform": "web"}])
+    assert not steps_exclusive([{"event_type": "a"}, {"event_type": "a", "platform": "web"}])
 
 
 def test_many_step_funnel_counts_every_level(env: Env) -> None:

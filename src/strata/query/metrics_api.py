@@ -420,7 +420,8 @@ class MetricsAPI:
         conditions = []
         for index, step in enumerate(steps):
             conditions.append(_step_condition(index, step, parameters))
-        sql = funnel_sql(conditions, window_ms, breakdown)
+        normalized_steps = [{"event_type": s} if isinstance(s, str) else s for s in steps]
+        sql = funnel_sql(conditions, window_ms, breakdown, steps_exclusive(normalized_steps))
         key = {
             "steps": steps,
             "window": window_ms,
@@ -559,18 +560,33 @@ def _step_condition(index: int, step: Any, parameters: dict[str, Any]) -> str:
     return "(" + " AND ".join(parts) + ")"
 
 
-def funnel_sql(conditions: list[str], window_ms: int, breakdown: str | None) -> str:
+def funnel_sql(
+    conditions: list[str], window_ms: int, breakdown: str | None, exclusive: bool = False
+) -> str:
     """The funnel query (docs/query.md, "Funnels"): ``funnel_sql_steps`` up
     to FAST_FUNNEL_MAX_STEPS steps, ``funnel_sql_fold`` beyond; both give
-    the same answers (tests/test_query_perf_paths.py)."""
+    the same answers (tests/test_query_perf_paths.py). ``exclusive``: no
+    event can match two steps (``steps_exclusive``)."""
     if len(conditions) <= FAST_FUNNEL_MAX_STEPS:
-        return funnel_sql_steps(conditions, window_ms, breakdown)
+        return funnel_sql_steps(conditions, window_ms, breakdown, exclusive)
     return funnel_sql_fold(conditions, window_ms, breakdown)
 
 
-def funnel_sql_steps(conditions: list[str], window_ms: int, breakdown: str | None) -> str:
-    """The fast funnel query for ``len(conditions)`` steps. Per user, matching events are sorted by (time, matched
-    steps); ``chain_k[i]`` is the latest start of a chain that reached step
+def steps_exclusive(steps: list[dict[str, str]]) -> bool:
+    """True when no event can match two of ``steps``: every pair of steps
+    has a column with different required values (e.g. distinct event types)."""
+    return all(
+        any(column in b and b[column] != value for column, value in a.items())
+        for i, a in enumerate(steps)
+        for b in steps[i + 1 :]
+    )
+
+
+def funnel_sql_steps(
+    conditions: list[str], window_ms: int, breakdown: str | None, exclusive: bool = False
+) -> str:
+    """The fast funnel query for ``len(conditions)`` steps. Per user,
+    matching events are sorted by (time, matched steps); ``chain_k[i]`` is the latest start of a chain that reached step
     k by event i within the window (-1: none). It is one vectorized pass per
     step, no per-event lambda loop: because ``chain_k <= chain_(k-1)`` at
     every event and both only grow, event i extends a chain to step k
@@ -584,40 +600,61 @@ def funnel_sql_steps(conditions: list[str], window_ms: int, breakdown: str | Non
     passed up through a subquery as plain columns. Planning still grows
     faster than the steps (about 0.5 s at 64 steps, 8 s at 300 on this
     machine), hence FAST_FUNNEL_MAX_STEPS. Only step conditions and the window are
-    inlined: conditions are built from bound parameters, the rest are ints."""
+    inlined: conditions are built from bound parameters, the rest are ints.
+
+    With ``exclusive`` steps an event matches at most one step, so the
+    matched step is one number and (time, step) packs into one Int64
+    (``ms * 128 + step``; steps <= 64): sorting plain integers instead of
+    (time, array) tuples is most of the query's cost, and the order is the
+    same."""
     n = len(conditions)
     w = int(window_ms)
     first_step = f"({conditions[0]} AND ts < parseDateTime64BestEffort({{end:String}}, 3, 'UTC'))"
-    matched = ", ".join(
-        f"if({first_step if i == 0 else c}, {i + 1}, 0)" for i, c in enumerate(conditions)
-    )
     any_step = " OR ".join(conditions)
-    group = f"argMinIf(toString({breakdown}), ts, has(matched, 1))" if breakdown else "''"
+    is_step = (lambda m, k: f"{m} = {k}") if exclusive else (lambda m, k: f"has({m}, {k})")
+    if exclusive:
+        branches = ", ".join(
+            f"{first_step if i == 0 else c}, {i + 1}" for i, c in enumerate(conditions)
+        )
+        matched = f"multiIf({branches}, 0)"
+        ordered = "arraySort(groupArray(toUnixTimestamp64Milli(ts) * 128 + matched))"
+        times, steps, any_match = "intDiv(x, 128)", "x % 128", "matched > 0"
+    else:
+        listed = ", ".join(
+            f"if({first_step if i == 0 else c}, {i + 1}, 0)" for i, c in enumerate(conditions)
+        )
+        matched = f"arrayFilter(x -> x > 0, [{listed}])"
+        ordered = "arraySort(x -> (x.1, x.2), groupArray((toUnixTimestamp64Milli(ts), matched)))"
+        times, steps, any_match = "x.1", "x.2", "notEmpty(matched)"
+    group = f"argMinIf(toString({breakdown}), ts, {is_step('matched', 1)})" if breakdown else "''"
 
     def chain(k: int) -> str:
         if k == 1:
-            return "arrayFill(x -> x >= 0, arrayMap((t, m) -> if(has(m, 1), t, -1), times, steps))"
+            return (
+                f"arrayFill(x -> x >= 0, arrayMap((t, m) -> if({is_step('m', 1)}, t, -1), "
+                "times, steps))"
+            )
         return (
             f"arrayFill(x -> x >= 0, arrayMap((t, m, s) -> "
-            f"if(has(m, {k}) AND s >= 0 AND t - s <= {w}, s, -1), times, steps, "
+            f"if({is_step('m', k)} AND s >= 0 AND t - s <= {w}, s, -1), times, steps, "
             f"arrayPushFront(arrayPopBack(chain_{k - 1}), -1)))"
         )
 
     per_user = f"""
     SELECT distinct_id, {group} AS grp,
-        arraySort(x -> (x.1, x.2), groupArray((toUnixTimestamp64Milli(ts), matched))) AS ordered,
-        arrayMap(x -> x.1, ordered) AS times,
-        arrayMap(x -> x.2, ordered) AS steps,
+        {ordered} AS ordered,
+        arrayMap(x -> {times}, ordered) AS times,
+        arrayMap(x -> {steps}, ordered) AS steps,
         {chain(1)} AS chain_1
     FROM (
         SELECT distinct_id, ts, {breakdown or "''"} AS {breakdown or "_nothing"},
-               arrayFilter(x -> x > 0, [{matched}]) AS matched
+               {matched} AS matched
         FROM events
         WHERE ts >= parseDateTime64BestEffort({{start:String}}, 3, 'UTC')
           AND ts < parseDateTime64BestEffort({{until:String}}, 3, 'UTC')
           AND ({any_step})
     )
-    WHERE notEmpty(matched)
+    WHERE {any_match}
     GROUP BY distinct_id
     HAVING chain_1[-1] >= 0"""
     for first in range(2, n + 1, FUNNEL_STEPS_PER_LEVEL):
