@@ -44,6 +44,13 @@ LIVE_WINDOWS_NOTE = (
 )
 
 
+# Complete granules (days before the watermark) live this many times
+# query.cache_ttl: late data and batch recomputes drop them explicitly
+# (on_revised), so the TTL only bounds changes nobody reported. With the plain
+# TTL a dashboard would recompute a year's DAU once per TTL, all days at once.
+COMPLETE_GRANULE_TTL_FACTOR = 10
+
+
 def sql_settings(config: Config) -> dict[str, Any]:
     q = config.query
     return {
@@ -188,8 +195,8 @@ class QueryService:
         epoch ms of its start), e.g. DAU per day.
 
         Granules that end at or before the watermark (``complete_until``)
-        are complete: their rows are cached per granule, with the cache TTL,
-        in the result cache itself, keyed like any entry by user, kind and
+        are complete: their rows are cached per granule, for
+        COMPLETE_GRANULE_TTL_FACTOR x the cache TTL, in the result cache itself, keyed like any entry by user, kind and
         ``normalized`` and ranged over the granule, so ``on_revised`` drops
         exactly the granules that late data touched. A request computes
         only the granules it does not find (one ``compute`` over the span
@@ -238,7 +245,7 @@ class QueryService:
                 granule = granule_of(row)
                 if granule in fresh:
                     fresh[granule].append(row)
-            ttl = self.cache_ttl_ms
+            ttl = self.cache_ttl_ms * COMPLETE_GRANULE_TTL_FACTOR
             for granule, rows in fresh.items():
                 self.cache.put(
                     keys[(granule - start_ms) // granule_ms],
