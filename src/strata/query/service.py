@@ -84,10 +84,15 @@ class QueryService:
         self.config = config
         self._store = store_getter
         self.watermark = watermark
+        metrics = self._metrics()
         self.router = Router(
-            [m for m in self._metrics()],
+            [m for m in metrics],
             rollup_5m_ttl_ms=parse_duration_ms(config.store.rollup_5m_ttl),
         )
+        # A window is final (later events count as late and are reported
+        # through on_revised) once the watermark passes its end plus the
+        # allowed lateness; granule_cached caches only final granules.
+        self.finality_lag_ms = max((m.allowed_lateness_ms for m in metrics), default=0)
         self._serving_getter = serving
         self._own_serving: Any = None
         self.live = LiveMerger(
@@ -195,10 +200,11 @@ class QueryService:
         epoch ms of its start), e.g. DAU per day.
 
         Granules that end at or before the watermark (``complete_until``)
-        are complete: their rows are cached per granule, for
-        COMPLETE_GRANULE_TTL_FACTOR x the cache TTL, in the result cache itself, keyed like any entry by user, kind and
-        ``normalized`` and ranged over the granule, so ``on_revised`` drops
-        exactly the granules that late data touched. A request computes
+        minus the largest ``allowed_lateness`` of the metrics are final: their
+        rows are cached per granule, for COMPLETE_GRANULE_TTL_FACTOR x the
+        cache TTL, in the result cache itself, keyed like any entry by user,
+        kind and ``normalized`` and ranged over the granule, so
+        ``on_revised`` drops exactly the granules that late data touched. A request computes
         only the granules it does not find (one ``compute`` over the span
         from the first to the last missing complete granule) and the open
         ones (one ``compute`` over them, which may use the short-lived
@@ -213,7 +219,8 @@ class QueryService:
         watermark = self.watermark()
         complete_end = start_ms
         if watermark is not None and self.cache_ttl_ms > 0:
-            complete_end = max(start_ms, min(end_ms, watermark - watermark % granule_ms))
+            final_until = watermark - self.finality_lag_ms
+            complete_end = max(start_ms, min(end_ms, final_until - final_until % granule_ms))
         granules = list(range(start_ms, complete_end, granule_ms))
         keys = [
             fingerprint(normalized, TimeRange(g, g + granule_ms), user, f"{kind}:granule")
