@@ -586,8 +586,9 @@ def funnel_sql_steps(
     conditions: list[str], window_ms: int, breakdown: str | None, exclusive: bool = False
 ) -> str:
     """The fast funnel query for ``len(conditions)`` steps. Per user,
-    matching events are sorted by (time, matched steps); ``chain_k[i]`` is the latest start of a chain that reached step
-    k by event i within the window (-1: none). It is one vectorized pass per
+    matching events are sorted by (time, matched steps); ``chain_k[i]`` is
+    the latest start of a chain that reached step k by event i within the
+    window (-1: none). It is one vectorized pass per
     step, no per-event lambda loop: because ``chain_k <= chain_(k-1)`` at
     every event and both only grow, event i extends a chain to step k
     exactly when it matches step k and ``chain_(k-1)`` *before* i (the
@@ -686,8 +687,8 @@ def funnel_sql_fold(conditions: list[str], window_ms: int, breakdown: str | None
     uses it beyond FAST_FUNNEL_MAX_STEPS. Same answers as
     ``funnel_sql_steps`` (tests/test_query_perf_paths.py), but the fold runs
     its lambda once per event of the longest per-user array, so one heavy
-    user makes it slow (seconds at 20M events). Per user, events are sorted by (time, matched steps) and
-    folded: ``acc[k]`` is the latest start of a chain that reached step k
+    user makes it slow (seconds at 20M events). Per user, events are sorted
+    by (time, matched steps) and folded: ``acc[k]`` is the latest start of a chain that reached step k
     within the window (-1: none), ``acc[N + k]`` the time that chain took
     when step k was first reached. Only step conditions and the window are
     inlined: conditions are built from bound parameters, the rest are ints."""
