@@ -7,7 +7,10 @@ the lake and the rollups. The long runs and their figures:
 Every check is a hard failure: the loader defect these tests once reported
 as xfail (a re-executed plan doubled in, or missing from, the raw table
 after a kill -9 during its insert) is repaired by the loader since
-decision 093 (tests/test_loader.py reproduces both crash states)."""
+decision 093 (tests/test_loader.py reproduces it with a real kill -9). The
+one window still open there, a kill between a rollup's token and its part,
+lies between two syscalls of one insert and takes syscall-level injection
+to hit; a rollup mismatch here would be that defect, not noise."""
 
 from __future__ import annotations
 

@@ -4,6 +4,10 @@ re-executed plans, client retries, and restarts."""
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -241,3 +245,91 @@ def test_a_plan_whose_part_was_committed_without_its_token_is_stored_once(setup)
     assert restarted.stats.repaired_duplicate_rows == data.num_rows
     _drain(restarted)
     _assert_exactly_once(store, len(accepted))
+
+
+_KILLED_LOADER = """
+import sys
+from pathlib import Path
+from strata.config import load_config
+from strata.loader.loader import Loader
+from strata.loader.sinks import EVENTS_SINK
+from strata.log import open_log
+from strata.store import Store
+
+config = load_config(overrides={"data_dir": sys.argv[1], "log.partitions": 4,
+                                "log.fsync": "never"}, environ={})
+log, store = open_log(config), Store.open(config)
+loader = Loader(log, store, EVENTS_SINK, config.data_path / "loader" / "events",
+                dedup_horizon_ms=86_400_000, max_batch_events=500)
+loader.run_once(timeout_s=0)
+print("not killed")
+"""
+
+
+def _kill_loader_at_commit(tmp_path: Path, table: str, level: int):
+    """Run a loader cycle in a child process that strace kills with SIGKILL
+    as chDB enters the rename committing the insert's part of ``table``
+    (after the insert's token was written to that table's deduplication
+    log). Returns (config, accepted events)."""
+    config, log, store, accepted, _ = _setup(tmp_path)
+    _, rows = store.query_rows("SELECT data_paths[1] FROM system.tables WHERE name = {t:String}",
+                               {"t": table})
+    table_dir = rows[0][0]
+    store.close()
+    log.close()
+    days = {time.strftime("%Y%m%d", time.gmtime(msgspec.json.decode(value)["ts"] // 1000))
+            for _, value, _ in accepted}
+    if len(days) != 1:
+        pytest.skip("the events straddle midnight: more than one part per insert")
+    (day,) = days
+    part = f"{table_dir}tmp_insert_{day}_1_1_{level}/"
+    trace = tmp_path / "strace.out"
+    child = subprocess.run(
+        ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=rename", "-P", part,
+         "-e", "inject=rename:signal=KILL:when=1",
+         sys.executable, "-c", _KILLED_LOADER, str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert child.returncode == -signal.SIGKILL or "killed by SIGKILL" in trace.read_text(), (
+        child.stdout + child.stderr)
+    return config, accepted
+
+
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None,
+                                  reason="needs strace (syscall fault injection)")
+
+
+@needs_strace
+def test_a_real_kill_9_between_the_token_and_the_raw_part_is_repaired(tmp_path: Path) -> None:
+    """The crash itself, not a rebuilt state: SIGKILL as chDB commits the
+    first insert's part of `events`. The restarted loader re-executes the
+    plan, the store drops the re-sent raw rows (their token is recorded)
+    and the loader attaches them; the rollups got them from the re-sent
+    insert."""
+    config, accepted = _kill_loader_at_commit(tmp_path, "events", 0)
+    log, store = open_log(config), Store.open(config)
+    try:
+        assert store.scalar("SELECT count() FROM events") == 0
+        restarted = _loader(config, log, store)  # re-executes the pending plan
+        assert restarted.stats.repaired_missing_rows > 0
+        _drain(restarted)
+        _assert_exactly_once(store, len(accepted))
+    finally:
+        store.close()
+        log.close()
+
+
+@needs_strace
+@pytest.mark.xfail(strict=True, reason="open (decision 093): a kill -9 between a rollup's token "
+                   "and its part loses that rollup part; rollups have no row identity to repair")
+def test_a_real_kill_9_between_the_token_and_a_rollup_part(tmp_path: Path) -> None:
+    config, accepted = _kill_loader_at_commit(tmp_path, "rollup_events_by_type_5m", 1)
+    log, store = open_log(config), Store.open(config)
+    try:
+        _drain(_loader(config, log, store))
+        assert store.scalar("SELECT count() FROM events") == len(accepted)
+        assert store.scalar(
+            "SELECT countMerge(events) FROM rollup_events_by_type_5m") == len(accepted)
+    finally:
+        store.close()
+        log.close()
