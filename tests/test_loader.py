@@ -247,6 +247,48 @@ def test_a_plan_whose_part_was_committed_without_its_token_is_stored_once(setup)
     _assert_exactly_once(store, len(accepted))
 
 
+@pytest.mark.parametrize("daily_1d_partitions", [False, True])
+def test_rollup_partitions_of_a_re_executed_plan_are_rebuilt_from_raw(
+    setup, daily_1d_partitions: bool
+) -> None:
+    """A rollup that lost the plan's block while keeping its token (the
+    re-execution is dropped there) is rebuilt from the raw table; a
+    month-partitioned daily rollup keeps the month's other days, and a data
+    directory from before decision 080 (daily rollups by day) works too."""
+    from strata.store import ddl
+
+    config, log, store, accepted, _ = setup
+    if daily_1d_partitions:
+        for metric in store.metrics:
+            store.command(f"DROP TABLE mv_{metric.name}_1d")
+            store.command(f"DROP TABLE {metric.rollup_table('1d')}")
+            for statement in ddl.rollup_statements(metric, "1d", rollup_5m_ttl_seconds=1):
+                store.command(statement.replace("toYYYYMM(window_start)",
+                                                "toYYYYMMDD(window_start)"))
+    today = time.gmtime(now_ms() // 1000)
+    other = f"{today.tm_year:04d}-{today.tm_mon:02d}-{1 if today.tm_mday >= 3 else 28:02d}"
+    store.command("INSERT INTO rollup_events_by_type_1d (window_start, event_type, events) "
+                  f"SELECT toDateTime('{other}', 'UTC'), 'signup', countState() "
+                  "FROM numbers(7)")
+    data, token = _pending_plan(config, log, store)
+    store.insert_arrow("events", data, dedup_token=token)
+    plan_days = {time.strftime("%Y-%m-%d", time.gmtime(t // 1000))
+                 for t in data.column("ts").cast(pa.int64()).to_pylist()}
+    for granularity in ("5m", "1d"):  # the parts are gone, the tokens are not
+        store.command(f"ALTER TABLE rollup_events_by_type_{granularity} DELETE WHERE "
+                      "toDate(window_start) IN {days:Array(Date)} SETTINGS mutations_sync = 2",
+                      {"days": sorted(plan_days)})
+    restarted = _loader(config, log, store)  # re-executes the pending plan
+    assert restarted.stats.repaired_missing_rows == restarted.stats.repaired_duplicate_rows == 0
+    assert restarted.stats.repaired_rollup_partitions >= 2 * len(store.metrics)
+    _drain(restarted)
+    assert store.scalar("SELECT countMerge(events) FROM rollup_events_by_type_1d "
+                        f"WHERE window_start = toDateTime('{other}', 'UTC')") == 7
+    store.command("ALTER TABLE rollup_events_by_type_1d DELETE WHERE event_type = 'signup' "
+                  "SETTINGS mutations_sync = 2")
+    _assert_exactly_once(store, len(accepted))
+
+
 _KILLED_LOADER = """
 import sys
 from pathlib import Path
@@ -320,16 +362,19 @@ def test_a_real_kill_9_between_the_token_and_the_raw_part_is_repaired(tmp_path: 
 
 
 @needs_strace
-@pytest.mark.xfail(strict=True, reason="open (decision 093): a kill -9 between a rollup's token "
-                   "and its part loses that rollup part; rollups have no row identity to repair")
-def test_a_real_kill_9_between_the_token_and_a_rollup_part(tmp_path: Path) -> None:
+def test_a_real_kill_9_between_the_token_and_a_rollup_part_is_rebuilt(tmp_path: Path) -> None:
+    """SIGKILL as chDB commits the 5-minute rollup's part (its token is
+    already recorded): the re-executed plan is dropped there as a duplicate,
+    so the loader rebuilds the rollup partitions the plan touches from the
+    (exact) raw table, in both granularities."""
     config, accepted = _kill_loader_at_commit(tmp_path, "rollup_events_by_type_5m", 1)
     log, store = open_log(config), Store.open(config)
     try:
-        _drain(_loader(config, log, store))
-        assert store.scalar("SELECT count() FROM events") == len(accepted)
-        assert store.scalar(
-            "SELECT countMerge(events) FROM rollup_events_by_type_5m") == len(accepted)
+        restarted = _loader(config, log, store)  # re-executes the pending plan
+        # Every rollup table of every metric: one day (5m), one month (1d).
+        assert restarted.stats.repaired_rollup_partitions == 2 * len(store.metrics)
+        _drain(restarted)
+        _assert_exactly_once(store, len(accepted))
     finally:
         store.close()
         log.close()

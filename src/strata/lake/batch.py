@@ -121,6 +121,42 @@ def metric_columns(metric: Metric) -> set[str]:
     return columns
 
 
+def render_rollup_sql(template: str, metric: Metric, granularity: str, **extra: Any) -> str:
+    """Fill a statement template with a metric's rollup pieces for
+    ``granularity``: the materialized view's bucket, dimension and state
+    expressions and filter (as rollup.sql), plus ``{table}`` / ``{stage}``
+    (``lake_stage_<metric>_<granularity>``). Shared by the batch job and the
+    loader's rollup rebuild (decision 093)."""
+    bucket, _, _ = GRANULARITIES[granularity]
+    table = metric.rollup_table(granularity)
+    keys = "".join(f", {d}" for d in metric.dimensions)
+    merges_aliased = ", ".join(
+        f"{a.merge_expression(a.alias)} AS {a.alias}" for a in metric.aggregations
+    )
+    differs = " OR ".join(
+        f"abs(toFloat64(streaming.{a.alias}) - toFloat64(batch.{a.alias})) > "
+        f"1e-9 * greatest(abs(toFloat64(streaming.{a.alias})), abs(toFloat64(batch.{a.alias})), 1)"
+        for a in metric.aggregations
+    )
+    return template.format(
+        table=table,
+        stage=f"lake_stage_{metric.name}_{granularity}",
+        bucket=bucket,
+        dimension_selects="".join(f"events.{d} AS {d},\n    " for d in metric.dimensions),
+        state_selects=",\n    ".join(
+            f"{a.state_expression} AS {a.alias}" for a in metric.aggregations
+        ),
+        dimension_keys=keys,
+        filter=metric.qualified_filter_sql("events"),
+        merges=", ".join(a.merge_expression(a.alias) for a in metric.aggregations),
+        merges_aliased=merges_aliased,
+        differs=differs,
+        window_ms=int(metric.window_ms),
+        lateness_ms=int(metric.out_of_orderness_ms + metric.allowed_lateness_ms),
+        **extra,
+    )
+
+
 class BatchJob:
     """Recomputes days of rollups. Thread-safe (one day at a time per process)."""
 
@@ -334,34 +370,7 @@ class BatchJob:
             return rows
 
     def _render(self, name: str, metric: Metric, granularity: str, **extra: Any) -> str:
-        bucket, _, _ = GRANULARITIES[granularity]
-        table = metric.rollup_table(granularity)
-        keys = "".join(f", {d}" for d in metric.dimensions)
-        merges_aliased = ", ".join(
-            f"{a.merge_expression(a.alias)} AS {a.alias}" for a in metric.aggregations
-        )
-        differs = " OR ".join(
-            f"abs(toFloat64(streaming.{a.alias}) - toFloat64(batch.{a.alias})) > "
-            f"1e-9 * greatest(abs(toFloat64(streaming.{a.alias})), abs(toFloat64(batch.{a.alias})), 1)"
-            for a in metric.aggregations
-        )
-        return SQL[name].format(
-            table=table,
-            stage=f"lake_stage_{metric.name}_{granularity}",
-            bucket=bucket,
-            dimension_selects="".join(f"events.{d} AS {d},\n    " for d in metric.dimensions),
-            state_selects=",\n    ".join(
-                f"{a.state_expression} AS {a.alias}" for a in metric.aggregations
-            ),
-            dimension_keys=keys,
-            filter=metric.qualified_filter_sql("events"),
-            merges=", ".join(a.merge_expression(a.alias) for a in metric.aggregations),
-            merges_aliased=merges_aliased,
-            differs=differs,
-            window_ms=int(metric.window_ms),
-            lateness_ms=int(metric.out_of_orderness_ms + metric.allowed_lateness_ms),
-            **extra,
-        )
+        return render_rollup_sql(SQL[name], metric, granularity, **extra)
 
     def _replace_metric(
         self, metric: Metric, day: date, now: int, staged: int, tail: int, source: str

@@ -35,8 +35,10 @@ import hashlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +47,16 @@ import pyarrow.compute as pc
 
 from strata.durable import atomic_write_json, read_json
 from strata.events import now_ms
+from strata.lake.base import day_bounds_ms
+from strata.lake.batch import SQL as BATCH_SQL
+from strata.lake.batch import render_rollup_sql
 from strata.loader.dedup import DedupIndex, hash_ids
 from strata.loader.sinks import Sink
 from strata.log.base import Consumer, Log, RecordBatch
 from strata.masking import DeletedUsers
+from strata.metrics import Metric
 from strata.store import Store
-from strata.store.ddl import sql_file
+from strata.store.ddl import GRANULARITIES, sql_file
 
 log = logging.getLogger("strata.loader")
 
@@ -79,6 +85,8 @@ class LoaderStats:
     # Rows of re-executed plans the store had lost or stored twice (repaired).
     repaired_missing_rows: int = 0
     repaired_duplicate_rows: int = 0
+    # Rollup partitions rebuilt from the raw table after a re-executed plan.
+    repaired_rollup_partitions: int = 0
     # Highest event time seen per partition (for the status endpoint).
     max_event_ts: dict[int, int] = field(default_factory=dict)
 
@@ -215,6 +223,8 @@ class Loader:
             self.store.insert_arrow(self.sink.table, data, token)
             if verify and self.sink.with_position:
                 self._repair(data)
+                if self.sink.table == "events":
+                    self._rebuild_rollups(data)
         if self.dedup is not None:
             for partition, hashes, received in new_ids:
                 self.dedup.add(partition, hashes, received)
@@ -282,6 +292,91 @@ class Loader:
             self.stats.repaired_missing_rows += len(missing)
         self._prepare_staging(staging)
 
+    def _rebuild_rollups(self, data: pa.Table) -> None:
+        """Rebuild every rollup partition the re-executed plan ``data`` touches
+        from the raw table, which ``_repair`` just made exact.
+
+        A kill -9 between a rollup's token and its part loses that part, and
+        the re-execution is dropped there as a duplicate; the rollups have no
+        row identity to look the loss up by, so each partition is recomputed
+        with the materialized view's SELECT into a staging table and swapped
+        in with REPLACE PARTITION, under the store's lock (no view insert
+        lands between the copy and the replace). Days the raw table may no
+        longer hold whole (raw TTL) and 5-minute days past their TTL are left
+        as they are (decision 093)."""
+        if not self.store.metrics or "ts" not in data.column_names or not data.num_rows:
+            return
+        ts = data.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
+        days = sorted({date.fromordinal(719163 + int(d)) for d in np.unique(ts // 86_400_000)})
+        tables = {
+            granularity: [metric.rollup_table(granularity) for metric in self.store.metrics]
+            for granularity in GRANULARITIES
+        }
+        _, rows = self.store.query_rows(
+            REPAIR_SQL["rollup_tables"].format(),
+            {"tables": ["events", *(t for names in tables.values() for t in names)]},
+        )
+        described = {str(name): (str(key), _ttl_ms(str(engine))) for name, key, engine in rows}
+        raw_ttl_ms = described["events"][1]
+        now = now_ms()
+        started = time.monotonic()
+        rebuilt: list[str] = []
+        with self.store._lock:
+            for metric in self.store.metrics:
+                for granularity in GRANULARITIES:
+                    table = metric.rollup_table(granularity)
+                    key, ttl_ms = described[table]
+                    monthly = key.replace(" ", "").startswith("toYYYYMM(")
+                    by_partition: dict[str, list[date]] = {}
+                    for day in days:
+                        day_end = day_bounds_ms(day)[1]
+                        if raw_ttl_ms is not None and day_end + raw_ttl_ms <= now:
+                            log.warning("loader %s: %s of %s is past the raw table's TTL; "
+                                        "not rebuilt from it", self.sink.topic, day, table)
+                            continue
+                        if ttl_ms is not None and day_end <= now - ttl_ms:
+                            continue  # compaction's TTL already dropped it
+                        partition_id = day.strftime("%Y%m" if monthly else "%Y%m%d")
+                        by_partition.setdefault(partition_id, []).append(day)
+                    for partition_id, partition_days in sorted(by_partition.items()):
+                        self._rebuild_rollup_partition(
+                            metric, granularity, partition_id, partition_days, monthly)
+                        rebuilt.append(f"{table}/{partition_id}")
+        if rebuilt:
+            self.stats.repaired_rollup_partitions += len(rebuilt)
+            log.warning("loader %s: re-executed plan: rebuilt %d rollup partition(s) from the "
+                        "raw table in %.2fs: %s", self.sink.topic, len(rebuilt),
+                        time.monotonic() - started, ", ".join(rebuilt))
+
+    def _rebuild_rollup_partition(
+        self, metric: Metric, granularity: str, partition_id: str, days: list[date],
+        monthly: bool,
+    ) -> None:
+        table = metric.rollup_table(granularity)
+        staging = f"{table}_loader_repair"
+        partition_id = _partition_id(partition_id)
+        for name in ("create_staging", "truncate_staging"):
+            self.store.command(REPAIR_SQL[name].format(staging=staging, table=table))
+        # Staging inherits non_replicated_deduplication_window: a rebuild of
+        # the same day must not be dropped as a repeated block.
+        no_dedup = {"insert_deduplicate": 0}
+        for day in days:
+            self.store.client.command(
+                render_rollup_sql(REPAIR_SQL["stage_rollup_day"], metric, granularity,
+                                  staging=staging),
+                parameters={"day": day}, settings=no_dedup,
+            )
+        if monthly:
+            self.store.client.command(
+                REPAIR_SQL["stage_month_rest"].format(staging=staging, table=table),
+                parameters={"month_id": int(partition_id), "days": days}, settings=no_dedup,
+            )
+        has_rows = int(self.store.scalar(f"SELECT count() FROM {staging}"))
+        name = "replace_partition" if has_rows else "drop_partition"
+        self.store.command(BATCH_SQL[name].format(table=table, stage=staging,
+                                                  partition_id=partition_id))
+        self.store.command(REPAIR_SQL["truncate_staging"].format(staging=staging))
+
     def _stored_positions(self, data: pa.Table) -> dict[tuple[int, int], int]:
         offsets = data.column("_offset")
         parameters: dict[str, object] = {
@@ -346,6 +441,13 @@ class Loader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def _ttl_ms(engine_full: str) -> int | None:
+    """The row TTL of a table from its ``engine_full`` (strata's TTLs are
+    ``<column> + INTERVAL n SECOND``), or None without one."""
+    found = re.search(r"\bTTL\b.*?toIntervalSecond\((\d+)\)", engine_full)
+    return int(found.group(1)) * 1000 if found else None
 
 
 def _partition_id(value: object) -> str:

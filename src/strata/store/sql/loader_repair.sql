@@ -45,3 +45,30 @@ ALTER TABLE {table} REPLACE PARTITION ID '{partition_id}' FROM {staging};
 
 -- name: attach_partition
 ALTER TABLE {table} ATTACH PARTITION ID '{partition_id}' FROM {staging};
+
+-- Rollup partitions a re-executed plan touches, rebuilt from the raw table
+-- (the rollups have no row identity to verify). Rendered per metric and
+-- granularity by strata.lake.batch.render_rollup_sql, like lake_batch.sql.
+
+-- name: rollup_tables
+SELECT name, partition_key, engine_full FROM system.tables
+WHERE database = currentDatabase() AND name IN {{tables:Array(String)}};
+
+-- name: stage_rollup_day
+-- The rollup's materialized-view SELECT (rollup.sql) over one day of `events`.
+INSERT INTO {staging}
+SELECT
+    {bucket} AS window_start,
+    {dimension_selects}
+    {state_selects}
+FROM events
+WHERE ({filter}) AND toDate(events.ts) = {{day:Date}}
+GROUP BY window_start{dimension_keys};
+
+-- name: stage_month_rest
+-- Month-partitioned rollups (decision 080): the month's days the plan did not
+-- touch, copied as they are, so replacing the month changes only those days.
+INSERT INTO {staging}
+SELECT * FROM {table}
+WHERE toYYYYMM(window_start) = {{month_id:UInt32}}
+  AND toDate(window_start) NOT IN {{days:Array(Date)}};
