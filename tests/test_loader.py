@@ -337,8 +337,17 @@ def _kill_loader_at_commit(tmp_path: Path, table: str, level: int):
     return config, accepted
 
 
-needs_strace = pytest.mark.skipif(shutil.which("strace") is None,
-                                  reason="needs strace (syscall fault injection)")
+def _strace_works() -> bool:
+    """strace is installed and this machine lets it trace (ptrace may be denied)."""
+    if shutil.which("strace") is None:
+        return False
+    probe = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "true"],
+                           capture_output=True, timeout=60)
+    return probe.returncode == 0
+
+
+needs_strace = pytest.mark.skipif(not _strace_works(),
+                                  reason="needs a working strace (syscall fault injection)")
 
 
 @needs_strace
