@@ -5,12 +5,11 @@ the lake and the rollups. The long runs and their figures:
 ``python -m benchmarks.chaos --minutes 10 [--shape roles]`` (docs/reliability.md).
 
 Every check is a hard failure: the loader defect these tests once reported
-as xfail (a re-executed plan doubled in, or missing from, the raw table
-after a kill -9 during its insert) is repaired by the loader since
-decision 093 (tests/test_loader.py reproduces it with a real kill -9). The
-one window still open there, a kill between a rollup's token and its part,
-lies between two syscalls of one insert and takes syscall-level injection
-to hit; a rollup mismatch here would be that defect, not noise."""
+as xfail (a re-executed plan doubled in, or missing from, the raw table or
+a rollup after a kill -9 during its insert) is repaired by the loader since
+decision 093: the raw table by log position, the rollup partitions the plan
+touches rebuilt from the raw table (tests/test_loader.py reproduces both
+crashes with a real kill -9 at the exact syscall)."""
 
 from __future__ import annotations
 
