@@ -45,19 +45,28 @@ class JSON(Response):
         return _json.encode(content)
 
 
+# The store's time columns are DateTime (seconds, to 2106); bounds past them
+# would overflow date arithmetic in SQL and in Python.
+MAX_TIME_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
+
+
 def parse_time(value: str | None, field: str) -> int | None:
-    """ISO-8601 or epoch milliseconds -> epoch ms."""
+    """ISO-8601 or epoch milliseconds -> epoch ms, within 1970-01-01 .. 2100-01-01."""
     if value is None or value == "":
         return None
     if value.lstrip("-").isdigit():
-        return int(value)
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise APIError(400, f"{field}: expected ISO-8601 or epoch milliseconds") from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp() * 1000)
+        ms = int(value)
+    else:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise APIError(400, f"{field}: expected ISO-8601 or epoch milliseconds") from exc
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        ms = int(parsed.timestamp() * 1000)
+    if not 0 <= ms <= MAX_TIME_MS:
+        raise APIError(400, f"{field}: must be between 1970-01-01 and 2100-01-01 (UTC)")
+    return ms
 
 
 GRANULARITY_SECONDS = {"5m": 300, "1h": 3600, "1d": 86_400}
