@@ -177,6 +177,9 @@ class UserLimitConfig(_Section):
 class QueryConfig(_Section):
     cache_ttl: str = "60s"
     open_range_cache_ttl: str = "2s"
+    # Finished days of per-day series (DAU, ...) cached one entry per day;
+    # late data and batch recomputes drop them explicitly.
+    complete_day_cache_ttl: str = "10m"
     sql_max_execution_s: float = 30.0
     sql_max_rows: int = 100_000
     sql_max_memory_bytes: int = 2 * 2**30
@@ -370,6 +373,7 @@ def validate_config(config: Config) -> None:
         ("loader.dedup_horizon", config.loader.dedup_horizon),
         ("query.cache_ttl", config.query.cache_ttl),
         ("query.open_range_cache_ttl", config.query.open_range_cache_ttl),
+        ("query.complete_day_cache_ttl", config.query.complete_day_cache_ttl),
         ("lake.hot_retention", config.lake.hot_retention),
         ("lake.roll_interval", config.lake.roll_interval),
         ("lake.batch_delay", config.lake.batch_delay),

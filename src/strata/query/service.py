@@ -44,13 +44,6 @@ LIVE_WINDOWS_NOTE = (
 )
 
 
-# Complete granules (days before the watermark) live this many times
-# query.cache_ttl: late data and batch recomputes drop them explicitly
-# (on_revised), so the TTL only bounds changes nobody reported. With the plain
-# TTL a dashboard would recompute a year's DAU once per TTL, all days at once.
-COMPLETE_GRANULE_TTL_FACTOR = 10
-
-
 def sql_settings(config: Config) -> dict[str, Any]:
     q = config.query
     return {
@@ -108,6 +101,7 @@ class QueryService:
         self.limits: QueryLimits = open_limits(config.query, redis_url=redis_url)
         self.cache_ttl_ms = parse_duration_ms(config.query.cache_ttl)
         self.open_ttl_ms = parse_duration_ms(config.query.open_range_cache_ttl)
+        self.complete_day_ttl_ms = parse_duration_ms(config.query.complete_day_cache_ttl)
         self._revised: deque[tuple[int, int]] = deque(maxlen=10_000)
         self._lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "invalidated": 0}
@@ -201,8 +195,11 @@ class QueryService:
 
         Granules that end at or before the watermark (``complete_until``)
         minus the largest ``allowed_lateness`` of the metrics are final: their
-        rows are cached per granule, for COMPLETE_GRANULE_TTL_FACTOR x the
-        cache TTL, in the result cache itself, keyed like any entry by user,
+        rows are cached per granule, for ``query.complete_day_cache_ttl``
+        (late data and batch recomputes drop them explicitly through
+        ``on_revised``, so the TTL only bounds changes nobody reported; with
+        the plain cache TTL a dashboard would recompute a year's DAU, all
+        days at once, once per TTL), in the result cache itself, keyed like any entry by user,
         kind and ``normalized`` and ranged over the granule, so
         ``on_revised`` drops exactly the granules that late data touched. A request computes
         only the granules it does not find (one ``compute`` over the span
@@ -252,7 +249,7 @@ class QueryService:
                 granule = granule_of(row)
                 if granule in fresh:
                     fresh[granule].append(row)
-            ttl = self.cache_ttl_ms * COMPLETE_GRANULE_TTL_FACTOR
+            ttl = self.complete_day_ttl_ms
             for granule, rows in fresh.items():
                 self.cache.put(
                     keys[(granule - start_ms) // granule_ms],
