@@ -52,7 +52,7 @@ from strata.lake.batch import SQL as BATCH_SQL
 from strata.lake.batch import render_rollup_sql
 from strata.loader.dedup import DedupIndex, hash_ids
 from strata.loader.sinks import Sink
-from strata.log.base import Consumer, Log, RecordBatch
+from strata.log.base import Consumer, Log, RecordBatch, merge_batches
 from strata.masking import DeletedUsers
 from strata.metrics import Metric
 from strata.store import Store
@@ -161,20 +161,7 @@ class Loader:
         batches = self.consumer.poll_batches(self.max_batch_events, timeout_s=wait)
         if not batches:
             return 0
-        merged: dict[int, RecordBatch] = {}
-        for batch in batches:
-            have = merged.get(batch.partition)
-            if have is None:
-                merged[batch.partition] = RecordBatch(
-                    batch.topic,
-                    batch.partition,
-                    batch.first_offset,
-                    list(batch.values),
-                    list(batch.timestamps_ms),
-                )
-            else:
-                have.values.extend(batch.values)
-                have.timestamps_ms.extend(batch.timestamps_ms)
+        merged = merge_batches(batches)
         ranges = {p: (b.first_offset, b.last_offset) for p, b in merged.items()}
         self._write_checkpoint(ranges)
         self._execute(list(merged.values()), ranges)

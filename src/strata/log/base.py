@@ -76,6 +76,28 @@ class RecordBatch:
         return self.first_offset + len(self.values) - 1
 
 
+def merge_batches(
+    batches: list[RecordBatch], into: dict[int, RecordBatch] | None = None
+) -> dict[int, RecordBatch]:
+    """One batch per partition: consecutive ``batches`` of a partition (in
+    poll order) appended to a copy of its first one, or to ``into``'s."""
+    merged = {} if into is None else into
+    for batch in batches:
+        have = merged.get(batch.partition)
+        if have is None:
+            merged[batch.partition] = RecordBatch(
+                batch.topic,
+                batch.partition,
+                batch.first_offset,
+                list(batch.values),
+                list(batch.timestamps_ms),
+            )
+        else:
+            have.values.extend(batch.values)
+            have.timestamps_ms.extend(batch.timestamps_ms)
+    return merged
+
+
 @dataclass
 class RetentionReport:
     """What one retention pass removed, per topic and partition."""

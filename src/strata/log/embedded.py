@@ -181,16 +181,17 @@ def _read_json(path: Path) -> Any:
 # --- record construction -------------------------------------------------------------------------
 
 # Record is a frozen dataclass; its generated __init__ goes through
-# object.__setattr__ per field, which dominates read cost. When Record has
-# slots we fill them through the slot descriptors instead (about 1.7x faster).
+# object.__setattr__ per field, which dominates read cost. Record has slots
+# (strata.log.base), so we fill them through the slot descriptors instead
+# (about 1.7x faster).
 _RecordSetter = Callable[[Record, Any], None]
 
 
-def _record_slot_setters() -> tuple[_RecordSetter, ...] | None:
+def _record_slot_setters() -> tuple[_RecordSetter, ...]:
     fields = ("topic", "partition", "offset", "timestamp_ms", "key", "value")
     descriptors = [Record.__dict__.get(name) for name in fields]
     if not all(isinstance(item, types.MemberDescriptorType) for item in descriptors):
-        return None
+        raise TypeError("strata.log.base.Record must be a dataclass with slots")
     return tuple(item.__set__ for item in descriptors)  # type: ignore[union-attr]
 
 
@@ -211,30 +212,29 @@ def _decode_records(
     unpack_key_and_value = _KEY_AND_VALUE_LENGTH.unpack_from
     unpack_u32 = _U32.unpack_from
     append = out.append
-    if _RECORD_SETTERS is not None:
-        new = object.__new__
-        set_topic, set_partition, set_offset, set_timestamp, set_key, set_value = _RECORD_SETTERS
-        for offset in range(first_offset, first_offset + count):
-            key_length, value_length = unpack_key_and_value(data, index)
-            if key_length < 0:
-                key = None
-                index += 8
-            else:
-                index += 4
-                key = data[index : index + key_length]
-                index += key_length
-                (value_length,) = unpack_u32(data, index)
-                index += 4
-            record = new(Record)
-            set_topic(record, topic)
-            set_partition(record, partition)
-            set_offset(record, offset)
-            set_timestamp(record, timestamp_ms)
-            set_key(record, key)
-            set_value(record, data[index : index + value_length])
-            index += value_length
-            append(record)
-        return index
+    new = object.__new__
+    set_topic, set_partition, set_offset, set_timestamp, set_key, set_value = _RECORD_SETTERS
+    for offset in range(first_offset, first_offset + count):
+        key_length, value_length = unpack_key_and_value(data, index)
+        if key_length < 0:
+            key = None
+            index += 8
+        else:
+            index += 4
+            key = data[index : index + key_length]
+            index += key_length
+            (value_length,) = unpack_u32(data, index)
+            index += 4
+        record = new(Record)
+        set_topic(record, topic)
+        set_partition(record, partition)
+        set_offset(record, offset)
+        set_timestamp(record, timestamp_ms)
+        set_key(record, key)
+        set_value(record, data[index : index + value_length])
+        index += value_length
+        append(record)
+    return index
     for offset in range(first_offset, first_offset + count):
         key_length, value_length = unpack_key_and_value(data, index)
         if key_length < 0:

@@ -58,7 +58,7 @@ from strata.durable import atomic_write_bytes
 from strata.events import now_ms
 from strata.loader.dedup import DedupIndex, hash_ids
 from strata.loader.sinks import EVENTS_SINK, Sink
-from strata.log.base import Consumer, Log, OffsetOutOfRange, RecordBatch
+from strata.log.base import Consumer, Log, OffsetOutOfRange, RecordBatch, merge_batches
 from strata.masking import DeletedUsers
 from strata.metrics import Metric, compile_metrics
 from strata.processor.engine import (
@@ -358,19 +358,7 @@ class Processor:
                 consumer.seek(partition, start)
                 self.offsets[partition] = start
                 continue
-            for batch in batches:
-                have = out.get(partition)
-                if have is None:
-                    out[partition] = RecordBatch(
-                        batch.topic,
-                        partition,
-                        batch.first_offset,
-                        list(batch.values),
-                        list(batch.timestamps_ms),
-                    )
-                else:
-                    have.values.extend(batch.values)
-                    have.timestamps_ms.extend(batch.timestamps_ms)
+            merge_batches(batches, out)
         return out
 
     def _read_exactly(self, ranges: dict[int, tuple[int, int]]) -> dict[int, RecordBatch]:

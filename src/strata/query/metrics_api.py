@@ -135,6 +135,17 @@ def _where(start: int, end: int, filters: dict[str, str], extra: list[str] = ())
     return " AND ".join(parts)
 
 
+async def _in_thread(fn: Any, *args: Any) -> Any:
+    """Run a blocking query off the event loop; the user's heavy-query limit
+    (strata.query.limits) becomes 429 + Retry-After."""
+    from strata.query.limits import RateLimitExceeded
+
+    try:
+        return await run_in_threadpool(fn, *args)
+    except RateLimitExceeded as exc:
+        raise APIError(429, str(exc), {"Retry-After": "1"}) from exc
+
+
 class MetricsAPI:
     def __init__(self, api: CoreAPI) -> None:
         self.api = api
@@ -167,14 +178,7 @@ class MetricsAPI:
 
     async def _routed(self, user: str, sql: str, start: int, end: int) -> QueryResult:
         """Run generated SQL through sandbox, router and cache."""
-        try:
-            return await run_in_threadpool(self.service.sql, user, sql)
-        except Exception as exc:  # generated SQL failing is our bug, but say what failed
-            from strata.query.limits import RateLimitExceeded
-
-            if isinstance(exc, RateLimitExceeded):
-                raise APIError(429, str(exc), {"Retry-After": "1"}) from exc
-            raise
+        return await _in_thread(self.service.sql, user, sql)
 
     async def _templated(
         self,
@@ -204,12 +208,7 @@ class MetricsAPI:
                 compute=compute,
             )
 
-        from strata.query.limits import RateLimitExceeded
-
-        try:
-            return await run_in_threadpool(cached)
-        except RateLimitExceeded as exc:
-            raise APIError(429, str(exc), {"Retry-After": "1"}) from exc
+        return await _in_thread(cached)
 
     # -- counts ------------------------------------------------------------------------
     async def count(self, request: Request) -> Any:
@@ -287,12 +286,7 @@ class MetricsAPI:
                 granule_of=_day_ms,
             )
 
-        from strata.query.limits import RateLimitExceeded
-
-        try:
-            return await run_in_threadpool(run)
-        except RateLimitExceeded as exc:
-            raise APIError(429, str(exc), {"Retry-After": "1"}) from exc
+        return await _in_thread(run)
 
     async def _rolling_active(
         self, user: str, start: int, end: int, days: int, filters: dict[str, str], exact: bool
