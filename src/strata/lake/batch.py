@@ -26,13 +26,11 @@ already right, changes nothing. 5-minute partitions older than
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from importlib import resources
 from typing import Any
 
 import numpy as np
@@ -47,7 +45,7 @@ from strata.lake.base import LAKE_SCHEMA, Lake, day_bounds_ms, day_of
 from strata.masking import DeletedUsers
 from strata.metrics import Metric
 from strata.store import Store
-from strata.store.ddl import GRANULARITIES
+from strata.store.ddl import named_statements, render_rollup_sql
 
 log = logging.getLogger("strata.batch")
 
@@ -60,17 +58,7 @@ class BatchError(Exception):
     """A batch could not run; the message says why and what to do."""
 
 
-def _templates() -> dict[str, str]:
-    text = resources.files("strata.store").joinpath("sql", "lake_batch.sql").read_text()
-    out: dict[str, str] = {}
-    for chunk in re.split(r"^-- name: ", text, flags=re.M)[1:]:
-        name, _, body = chunk.partition("\n")
-        lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
-        out[name.strip()] = "\n".join(lines).strip().rstrip(";")
-    return out
-
-
-SQL = _templates()
+SQL = named_statements("lake_batch.sql")
 
 
 @dataclass
@@ -119,42 +107,6 @@ def metric_columns(metric: Metric) -> set[str]:
     if metric.filter is not None:
         columns |= {c.name for c in metric.filter.find_all(exp.Column)}
     return columns
-
-
-def render_rollup_sql(template: str, metric: Metric, granularity: str, **extra: Any) -> str:
-    """Fill a statement template with a metric's rollup pieces for
-    ``granularity``: the materialized view's bucket, dimension and state
-    expressions and filter (as rollup.sql), plus ``{table}`` / ``{stage}``
-    (``lake_stage_<metric>_<granularity>``). Shared by the batch job and the
-    loader's rollup rebuild (decision 093)."""
-    bucket, _, _ = GRANULARITIES[granularity]
-    table = metric.rollup_table(granularity)
-    keys = "".join(f", {d}" for d in metric.dimensions)
-    merges_aliased = ", ".join(
-        f"{a.merge_expression(a.alias)} AS {a.alias}" for a in metric.aggregations
-    )
-    differs = " OR ".join(
-        f"abs(toFloat64(streaming.{a.alias}) - toFloat64(batch.{a.alias})) > "
-        f"1e-9 * greatest(abs(toFloat64(streaming.{a.alias})), abs(toFloat64(batch.{a.alias})), 1)"
-        for a in metric.aggregations
-    )
-    return template.format(
-        table=table,
-        stage=f"lake_stage_{metric.name}_{granularity}",
-        bucket=bucket,
-        dimension_selects="".join(f"events.{d} AS {d},\n    " for d in metric.dimensions),
-        state_selects=",\n    ".join(
-            f"{a.state_expression} AS {a.alias}" for a in metric.aggregations
-        ),
-        dimension_keys=keys,
-        filter=metric.qualified_filter_sql("events"),
-        merges=", ".join(a.merge_expression(a.alias) for a in metric.aggregations),
-        merges_aliased=merges_aliased,
-        differs=differs,
-        window_ms=int(metric.window_ms),
-        lateness_ms=int(metric.out_of_orderness_ms + metric.allowed_lateness_ms),
-        **extra,
-    )
 
 
 class BatchJob:

@@ -47,31 +47,19 @@ import pyarrow.compute as pc
 
 from strata.durable import atomic_write_json, read_json
 from strata.events import now_ms
-from strata.lake.base import day_bounds_ms
-from strata.lake.batch import SQL as BATCH_SQL
-from strata.lake.batch import render_rollup_sql
 from strata.loader.dedup import DedupIndex, hash_ids
 from strata.loader.sinks import Sink
 from strata.log.base import Consumer, Log, RecordBatch, merge_batches
 from strata.masking import DeletedUsers
 from strata.metrics import Metric
 from strata.store import Store
-from strata.store.ddl import GRANULARITIES, sql_file
+from strata.store.ddl import GRANULARITIES, named_statements, render_rollup_sql
 
 log = logging.getLogger("strata.loader")
 
 
-def _templates() -> dict[str, str]:
-    """The named statements of ``store/sql/loader_repair.sql``."""
-    out: dict[str, str] = {}
-    for chunk in re.split(r"^-- name: ", sql_file("loader_repair.sql"), flags=re.M)[1:]:
-        name, _, body = chunk.partition("\n")
-        lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
-        out[name.strip()] = "\n".join(lines).strip().rstrip(";")
-    return out
-
-
-REPAIR_SQL = _templates()
+REPAIR_SQL = named_statements("loader_repair.sql")
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()  # 719163
 
 
 @dataclass
@@ -294,7 +282,7 @@ class Loader:
         if not self.store.metrics or "ts" not in data.column_names or not data.num_rows:
             return
         ts = data.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
-        days = sorted({date.fromordinal(719163 + int(d)) for d in np.unique(ts // 86_400_000)})
+        days = sorted({date.fromordinal(_EPOCH_ORDINAL + int(d)) for d in np.unique(ts // 86_400_000)})
         tables = {
             granularity: [metric.rollup_table(granularity) for metric in self.store.metrics]
             for granularity in GRANULARITIES
@@ -316,7 +304,7 @@ class Loader:
                     monthly = key.replace(" ", "").startswith("toYYYYMM(")
                     by_partition: dict[str, list[date]] = {}
                     for day in days:
-                        day_end = day_bounds_ms(day)[1]
+                        day_end = (day.toordinal() - _EPOCH_ORDINAL + 1) * 86_400_000
                         if raw_ttl_ms is not None and day_end + raw_ttl_ms <= now:
                             log.warning("loader %s: %s of %s is past the raw table's TTL; "
                                         "not rebuilt from it", self.sink.topic, day, table)
@@ -360,8 +348,8 @@ class Loader:
             )
         has_rows = int(self.store.scalar(f"SELECT count() FROM {staging}"))
         name = "replace_partition" if has_rows else "drop_partition"
-        self.store.command(BATCH_SQL[name].format(table=table, stage=staging,
-                                                  partition_id=partition_id))
+        self.store.command(REPAIR_SQL[name].format(table=table, staging=staging,
+                                                   partition_id=partition_id))
         self.store.command(REPAIR_SQL["truncate_staging"].format(staging=staging))
 
     def _stored_positions(self, data: pa.Table) -> dict[tuple[int, int], int]:

@@ -7,8 +7,10 @@ substituted; nothing from a request ever reaches DDL.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from importlib import resources
+from typing import Any
 
 from strata.metrics import Metric
 
@@ -24,6 +26,17 @@ GRANULARITIES = {
 
 def sql_file(name: str) -> str:
     return resources.files("strata.store").joinpath("sql", name).read_text()
+
+
+def named_statements(name: str) -> dict[str, str]:
+    """The statements of a ``-- name: <key>`` sectioned .sql file (for
+    example lake_batch.sql, loader_repair.sql), comments dropped."""
+    out: dict[str, str] = {}
+    for chunk in re.split(r"^-- name: ", sql_file(name), flags=re.M)[1:]:
+        key, _, body = chunk.partition("\n")
+        lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
+        out[key.strip()] = "\n".join(lines).strip().rstrip(";")
+    return out
 
 
 def statements(text: str) -> Iterator[str]:
@@ -88,3 +101,39 @@ def all_statements(
                 )
             )
     return out
+
+
+def render_rollup_sql(template: str, metric: Metric, granularity: str, **extra: Any) -> str:
+    """Fill a statement template with a metric's rollup pieces for
+    ``granularity``: the materialized view's bucket, dimension and state
+    expressions and filter (as rollup.sql), plus ``{table}`` / ``{stage}``
+    (``lake_stage_<metric>_<granularity>``). Shared by the batch job and the
+    loader's rollup rebuild (decision 093)."""
+    bucket, _, _ = GRANULARITIES[granularity]
+    table = metric.rollup_table(granularity)
+    keys = "".join(f", {d}" for d in metric.dimensions)
+    merges_aliased = ", ".join(
+        f"{a.merge_expression(a.alias)} AS {a.alias}" for a in metric.aggregations
+    )
+    differs = " OR ".join(
+        f"abs(toFloat64(streaming.{a.alias}) - toFloat64(batch.{a.alias})) > "
+        f"1e-9 * greatest(abs(toFloat64(streaming.{a.alias})), abs(toFloat64(batch.{a.alias})), 1)"
+        for a in metric.aggregations
+    )
+    return template.format(
+        table=table,
+        stage=f"lake_stage_{metric.name}_{granularity}",
+        bucket=bucket,
+        dimension_selects="".join(f"events.{d} AS {d},\n    " for d in metric.dimensions),
+        state_selects=",\n    ".join(
+            f"{a.state_expression} AS {a.alias}" for a in metric.aggregations
+        ),
+        dimension_keys=keys,
+        filter=metric.qualified_filter_sql("events"),
+        merges=", ".join(a.merge_expression(a.alias) for a in metric.aggregations),
+        merges_aliased=merges_aliased,
+        differs=differs,
+        window_ms=int(metric.window_ms),
+        lateness_ms=int(metric.out_of_orderness_ms + metric.allowed_lateness_ms),
+        **extra,
+    )

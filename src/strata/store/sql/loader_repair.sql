@@ -46,6 +46,9 @@ ALTER TABLE {table} REPLACE PARTITION ID '{partition_id}' FROM {staging};
 -- name: attach_partition
 ALTER TABLE {table} ATTACH PARTITION ID '{partition_id}' FROM {staging};
 
+-- name: drop_partition
+ALTER TABLE {table} DROP PARTITION ID '{partition_id}';
+
 -- Rollup partitions a re-executed plan touches, rebuilt from the raw table
 -- (the rollups have no row identity to verify). Rendered per metric and
 -- granularity by strata.lake.batch.render_rollup_sql, like lake_batch.sql.
