@@ -255,17 +255,26 @@ class MetricsAPI:
             distinct_count="exact" if exact else "uniqCombined (mergeable, approximate)",
             **{
                 field: result.meta[field]
-                for field in ("granules_cached", "granules_computed")
+                for field in (
+                    "granules_cached", "granules_computed", "days_answered", "days_computed"
+                )
                 if field in result.meta
             },
+            **(
+                {"answered_until": iso(result.meta["answered_until_ms"])}
+                if "answered_until_ms" in result.meta
+                else {}
+            ),
         )
 
     async def _daily_active(
         self, user: str, start: int, end: int, filters: dict[str, str], distinct: str
     ) -> QueryResult:
-        """DAU per day through the router, with complete days cached per day
-        (``QueryService.granule_cached``): a year's series merges only the
-        days it has not seen and the open ones."""
+        """DAU per day through the router. Without filters (uniq): complete
+        days from the finalized ``day_answers`` (``QueryService.daily_answers``,
+        decision 096), the open days routed. Otherwise, or before any day is
+        finalized, complete days cached per day (``QueryService.granule_cached``):
+        a year's series merges only the days it has not seen and the open ones."""
 
         def compute(lower: int, upper: int) -> QueryResult:
             sql = (
@@ -275,6 +284,17 @@ class MetricsAPI:
             return self.service.sql(user, sql)
 
         def run() -> QueryResult:
+            target = (
+                self.service.day_answer_target("distinct_id")
+                if not filters and distinct == "uniq(distinct_id)"
+                else None
+            )
+            if target is not None:  # finalized days from day_answers (decision 096)
+                answered = self.service.daily_answers(
+                    target=target, start_ms=start, end_ms=end, compute=compute
+                )
+                if answered is not None:
+                    return answered
             return self.service.granule_cached(
                 user=user,
                 kind="dau",

@@ -23,11 +23,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 from strata.config import Config, parse_duration_ms
 from strata.query import sandbox
 from strata.query.cache import ResultCache, fingerprint, open_cache
+from strata.query.day_answers import DayAnswers, Target, day_ms, day_of, day_runs
 from strata.query.limits import QueryLimits, open_limits
 from strata.query.live import LiveMerger, LivePlan
 from strata.query.results import QueryResult
@@ -102,6 +104,9 @@ class QueryService:
         self.cache_ttl_ms = parse_duration_ms(config.query.cache_ttl)
         self.open_ttl_ms = parse_duration_ms(config.query.open_range_cache_ttl)
         self.complete_day_ttl_ms = parse_duration_ms(config.query.complete_day_cache_ttl)
+        # Finalized per-day distinct counts (decision 096); filled by the
+        # pipeline's DayFinalizer, read by daily_answers.
+        self.day_answers = DayAnswers(store_getter, metrics)
         self._revised: deque[tuple[int, int]] = deque(maxlen=10_000)
         self._lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "invalidated": 0}
@@ -123,6 +128,7 @@ class QueryService:
             self._revised.append((start_ms, end_ms))
         removed = self.cache.invalidate(start_ms, end_ms)
         self.stats["invalidated"] += removed
+        self.day_answers.mark_stale(start_ms, end_ms)
         REGISTRY.inc("strata_query_cache_invalidations_total", removed)
         return removed
 
@@ -283,6 +289,84 @@ class QueryService:
         }
         return QueryResult(columns, rows, meta)
 
+    def day_answer_target(self, column: str) -> Target | None:
+        """The uniq aggregation over ``column`` of a metric without filter
+        whose finalized days answer ``uniq(column)`` per day over all events."""
+        for target in self.day_answers.targets:
+            aggregation = next(a for a in target.metric.aggregations if a.alias == target.alias)
+            if target.metric.filter is None and aggregation.column == column:
+                return target
+        return None
+
+    def daily_answers(
+        self,
+        *,
+        target: Target,
+        start_ms: int,
+        end_ms: int,
+        compute: Callable[[int, int], QueryResult],
+    ) -> QueryResult | None:
+        """A per-day distinct count over ``[start_ms, end_ms)`` (day-aligned)
+        with rows ``(day, value)``: complete days from ``day_answers`` (one
+        small query that also returns the frontier), the rest through
+        ``compute(lower, upper)`` (the routed query: rollups plus live
+        windows), once per run of stale days and once for the days from the
+        frontier on. None when no day of the range is answered (the caller
+        uses its other path).
+
+        Meta: ``served_from`` (``day_answers`` joined with the computed
+        parts' sources), ``days_answered``, ``days_computed``,
+        ``answered_until`` (the frontier, epoch ms), ``cache`` (``hit``
+        only when every computed part was a result-cache hit; the table
+        itself is not a cache), and the completeness of the whole range."""
+        started = time.perf_counter()
+        first, until = day_of(start_ms), day_of(end_ms - 1) + timedelta(days=1)
+        frontier, answers = self.day_answers.read(
+            target.metric.name, target.alias, first, until
+        )
+        if frontier is None or frontier <= first:
+            return None
+        answered_until = min(frontier, until)
+        stale = sorted(day for day, value in answers.items() if value is None)
+        spans = day_runs([day for day in stale if day < answered_until])
+        if answered_until < until:
+            spans.append((answered_until, until))
+        rows_by_day: dict[Any, tuple[Any, ...]] = {
+            day: (day, value) for day, value in answers.items() if value
+        }
+        served = ["day_answers"]
+        caches: list[str] = []
+        columns = ["day", target.alias]
+        reason = "complete days from day_answers"
+        computed_days = 0
+        for lower, upper in spans:
+            for day in list(rows_by_day):
+                if lower <= day < upper:
+                    del rows_by_day[day]
+            result = compute(day_ms(lower), min(end_ms, day_ms(upper)))
+            columns = result.columns
+            served.append(str(result.meta.get("served_from")))
+            caches.append(str(result.meta.get("cache")))
+            reason += f"; {lower.isoformat()}..{upper.isoformat()}: {result.meta.get('reason')}"
+            computed_days += (upper - lower).days
+            for row in result.rows:
+                day = row[0].date() if isinstance(row[0], datetime) else row[0]
+                if lower <= day < upper:
+                    rows_by_day[day] = row
+        rows = [rows_by_day[day] for day in sorted(rows_by_day)]
+        cache = "hit" if caches and all(c == "hit" for c in caches) else "miss"
+        meta: dict[str, Any] = {
+            "served_from": "+".join(dict.fromkeys(served)),
+            "reason": reason,
+            "cache": cache,
+            "days_answered": (until - first).days - computed_days,
+            "days_computed": computed_days,
+            "answered_until_ms": day_ms(frontier),
+            "query_ms": round((time.perf_counter() - started) * 1000, 3),
+            **self.completeness(TimeRange(start_ms, end_ms)),
+        }
+        return QueryResult(columns, rows, meta)
+
     def run(
         self, user: str, sql: str, parameters: dict[str, Any] | None, heavy: bool
     ) -> QueryResult:
@@ -379,3 +463,4 @@ class QueryService:
         self.limits.close()
         if self._own_serving is not None:
             self._own_serving.close()
+

@@ -63,9 +63,22 @@ class Pipeline:
                 sink,
                 config.data_path / "loader" / topic,
                 dedup_horizon_ms=horizon,
+                dedup_hot_window_ms=parse_duration_ms(config.loader.dedup_hot_window),
                 max_batch_events=config.loader.max_batch_events,
                 max_wait_ms=config.loader.max_wait_ms,
             )
+        from strata.query.day_answers import DayFinalizer
+
+        # Finalized per-day distinct counts (decision 096): a day is
+        # answered once the events loader has stored what the watermark saw.
+        pipeline.components["day_answers"] = DayFinalizer(
+            lambda: pipeline.query.day_answers,
+            pipeline.watermark_ms,
+            lambda: pipeline.log.end_offsets("events"),
+            lambda: dict(pipeline.loaders["events"].offsets),
+            lambda: int(pipeline.query.finality_lag_ms),
+            on_late=pipeline.on_revised,
+        )
         return pipeline
 
     @classmethod
