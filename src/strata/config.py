@@ -111,6 +111,9 @@ class LoaderConfig(_Section):
     max_batch_events: int = 200_000
     max_wait_ms: int = 250
     dedup_horizon: str = "24h"
+    # Event-time slots of the dedup index this close to the newest event time
+    # of a partition stay in memory (decision 094).
+    dedup_hot_window: str = "5m"
 
 
 class ProcessorConfig(_Section):
@@ -371,6 +374,7 @@ def validate_config(config: Config) -> None:
         ("store.raw_ttl", config.store.raw_ttl),
         ("store.rollup_5m_ttl", config.store.rollup_5m_ttl),
         ("loader.dedup_horizon", config.loader.dedup_horizon),
+        ("loader.dedup_hot_window", config.loader.dedup_hot_window),
         ("query.cache_ttl", config.query.cache_ttl),
         ("query.open_range_cache_ttl", config.query.open_range_cache_ttl),
         ("query.complete_day_cache_ttl", config.query.complete_day_cache_ttl),

@@ -47,7 +47,7 @@ from strata.config import Config, load_config, parse_duration_ms
 from strata.durable import atomic_write_json, read_json
 from strata.events import now_ms
 from strata.lake.base import LAKE_SCHEMA, Lake, file_relpath
-from strata.loader.dedup import DedupIndex, hash_ids
+from strata.loader.dedup import DEFAULT_HOT_WINDOW_MS, DedupIndex, hash_ids
 from strata.loader.sinks import EVENTS_SINK
 from strata.log import Log, RecordBatch, open_log
 from strata.masking import DeletedUsers
@@ -93,6 +93,7 @@ class Archiver:
         *,
         deleted_users: DeletedUsers,
         dedup_horizon_ms: int,
+        dedup_hot_window_ms: int = DEFAULT_HOT_WINDOW_MS,
         roll_bytes: int = 64 * 2**20,
         roll_interval_ms: int = 60_000,
         max_poll_events: int = 50_000,
@@ -107,7 +108,9 @@ class Archiver:
         self.max_poll_events = max_poll_events
         self.stats = ArchiverStats()
         self.checkpoint_path = directory / "checkpoint.json"
-        self.dedup = DedupIndex(directory / "dedup", dedup_horizon_ms)
+        self.dedup = DedupIndex(
+            directory / "dedup", dedup_horizon_ms, hot_window_ms=dedup_hot_window_ms
+        )
         self.consumer = log_.consumer(self.GROUP, self.TOPIC)
         all_partitions = list(range(log_.partitions(self.TOPIC)))
         self.consumer.assign(all_partitions if partitions is None else partitions)
@@ -125,6 +128,7 @@ class Archiver:
             config.data_path / "archiver",
             deleted_users=DeletedUsers(config.data_path),
             dedup_horizon_ms=parse_duration_ms(config.loader.dedup_horizon),
+            dedup_hot_window_ms=parse_duration_ms(config.loader.dedup_hot_window),
             roll_bytes=config.lake.roll_bytes,
             roll_interval_ms=parse_duration_ms(config.lake.roll_interval),
             max_poll_events=config.lake.poll_events,
@@ -162,7 +166,7 @@ class Archiver:
 
     # -- one roll ------------------------------------------------------------
     def _execute(self, records: dict[int, list[bytes]], ranges: dict[int, tuple[int, int]]) -> None:
-        new_ids: list[tuple[int, np.ndarray, np.ndarray]] = []
+        new_ids: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         for partition in sorted(ranges):
             first, last = ranges[partition]
             values = records.get(partition, [])
@@ -171,11 +175,12 @@ class Archiver:
             table = EVENTS_SINK.decode(values)
             offsets = np.arange(first, last + 1, dtype=np.uint64)
             hashes = hash_ids(table.column("event_id").to_pylist())
-            keep = self.dedup.first_unseen(partition, hashes)
+            event = table.column("ts").to_numpy(zero_copy_only=False)
+            keep = self.dedup.first_unseen(partition, hashes, event)
             received = table.column("received_at").to_numpy(zero_copy_only=False)
             # Masked (deleted-user) ids still enter the index, so a later
             # client retry of them is not archived either.
-            new_ids.append((partition, hashes[keep], received[keep]))
+            new_ids.append((partition, hashes[keep], event[keep], received[keep]))
             self.stats.duplicate_rows += int(len(keep) - keep.sum())
             mask = self.deleted_users.keep_mask(table)
             if mask is not None:
@@ -185,8 +190,8 @@ class Archiver:
                 table = table.filter(pa.array(keep))
                 offsets = offsets[keep]
             self._write_partition(partition, first, last, table, offsets)
-        for partition, hashes, received in new_ids:
-            self.dedup.add(partition, hashes, received)
+        for partition, hashes, event, received in new_ids:
+            self.dedup.add(partition, hashes, event, received)
         self.dedup.expire(now_ms())
         for partition, (_, last) in ranges.items():
             self.offsets[partition] = last + 1

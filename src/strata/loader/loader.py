@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 
 from strata.durable import atomic_write_json, read_json
 from strata.events import now_ms
-from strata.loader.dedup import DedupIndex, hash_ids
+from strata.loader.dedup import DEFAULT_HOT_WINDOW_MS, DedupIndex, hash_ids
 from strata.loader.sinks import Sink
 from strata.log.base import Consumer, Log, RecordBatch, merge_batches
 from strata.masking import DeletedUsers
@@ -90,6 +90,7 @@ class Loader:
         directory: Path,
         *,
         dedup_horizon_ms: int,
+        dedup_hot_window_ms: int = DEFAULT_HOT_WINDOW_MS,
         max_batch_events: int = 200_000,
         max_wait_ms: int = 250,
         partitions: list[int] | None = None,
@@ -105,7 +106,11 @@ class Loader:
         # holds: masked on this read path (docs/storage.md).
         self.deleted_users = DeletedUsers(directory.parent.parent) if sink.topic == "events" else None
         self.checkpoint_path = directory / "checkpoint.json"
-        self.dedup = DedupIndex(directory / "dedup", dedup_horizon_ms) if sink.id_field else None
+        self.dedup = (
+            DedupIndex(directory / "dedup", dedup_horizon_ms, hot_window_ms=dedup_hot_window_ms)
+            if sink.id_field
+            else None
+        )
         self.consumer: Consumer = log.consumer(f"{self.GROUP}-{sink.topic}", sink.topic)
         all_partitions = list(range(log.partitions(sink.topic)))
         self.consumer.assign(all_partitions if partitions is None else partitions)
@@ -163,16 +168,18 @@ class Loader:
         verify: bool = False,
     ) -> None:
         tables: list[pa.Table] = []
-        new_ids: list[tuple[int, np.ndarray, np.ndarray]] = []
+        new_ids: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         duplicates = 0
         for batch in sorted(batches, key=lambda b: b.partition):
             table = self.sink.decode(batch.values)
             offsets = np.arange(batch.first_offset, batch.first_offset + len(batch.values))
             if self.dedup is not None and self.sink.id_field:
                 hashes = hash_ids(table.column(self.sink.id_field).to_pylist())
-                keep = self.dedup.first_unseen(batch.partition, hashes)
                 received = table.column(self.sink.received_field).to_numpy()
-                new_ids.append((batch.partition, hashes[keep], received[keep]))
+                event_field = self.sink.event_time_field
+                event = table.column(event_field).to_numpy() if event_field else received
+                keep = self.dedup.first_unseen(batch.partition, hashes, event)
+                new_ids.append((batch.partition, hashes[keep], event[keep], received[keep]))
                 kept = int(keep.sum())
                 duplicates += len(keep) - kept
                 if kept < len(keep):
@@ -201,8 +208,8 @@ class Loader:
                 if self.sink.table == "events":
                     self._rebuild_rollups(data)
         if self.dedup is not None:
-            for partition, hashes, received in new_ids:
-                self.dedup.add(partition, hashes, received)
+            for partition, hashes, event, received in new_ids:
+                self.dedup.add(partition, hashes, event, received)
             self.dedup.expire(now_ms())
         for partition, (_, last) in ranges.items():
             self.offsets[partition] = last + 1

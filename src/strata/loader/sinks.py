@@ -26,6 +26,10 @@ class Sink:
     schema: pa.Schema
     id_field: str | None = None
     received_field: str = "received_at"
+    # Event time of a record (epoch ms), the same in a retry or re-append as
+    # in its original: the dedup index buckets ids by it (decision 094).
+    # None: the received field.
+    event_time_field: str | None = None
     timestamp_fields: tuple[str, ...] = ()
     # Add the log position (_partition, _offset) as columns.
     with_position: bool = True
@@ -94,6 +98,7 @@ EVENTS_SINK = Sink(
         ]
     ),
     id_field="event_id",
+    event_time_field="ts",
     timestamp_fields=("ts", "received_at"),
 )
 
@@ -113,6 +118,7 @@ QUARANTINE_SINK = Sink(
         ]
     ),
     id_field="event_id",
+    event_time_field="ts",
     timestamp_fields=("ts", "received_at"),
 )
 
@@ -132,6 +138,7 @@ IDENTITIES_SINK = Sink(
         ]
     ),
     id_field="event_id",
+    event_time_field="ts",
     timestamp_fields=("ts", "received_at"),
 )
 
@@ -158,6 +165,7 @@ WINDOW_RESULTS_SINK = Sink(
     ),
     id_field="id",
     received_field="emitted_at",
+    event_time_field="window_start",
     timestamp_fields=("window_start", "window_end", "watermark", "emitted_at"),
 )
 
@@ -184,6 +192,7 @@ LATE_EVENTS_SINK = Sink(
     ),
     id_field="id",
     received_field="emitted_at",
+    event_time_field="ts",
     timestamp_fields=("ts", "received_at", "window_start", "window_end", "watermark", "emitted_at"),
 )
 

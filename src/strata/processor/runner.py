@@ -150,7 +150,10 @@ class Processor:
         # as in the raw table: the loader's dedup rule and horizon, with the
         # index's file lengths in this processor's checkpoint.
         self.dedup = DedupIndex(
-            self.directory / "dedup", parse_duration_ms(config.loader.dedup_horizon), epoch=epoch
+            self.directory / "dedup",
+            parse_duration_ms(config.loader.dedup_horizon),
+            hot_window_ms=parse_duration_ms(config.loader.dedup_hot_window),
+            epoch=epoch,
         )
         self.deleted_users = DeletedUsers(config.data_path)
         suffix = "" if epoch is None else f"-e{epoch}"
@@ -398,9 +401,10 @@ class Processor:
             return run
         offsets = np.arange(first_offset, first_offset + run.num_rows, dtype=np.int64)
         hashes = hash_ids(run.column("event_id").to_pylist())
-        keep = self.dedup.first_unseen(partition, hashes)
+        event = run.column("ts").to_numpy()
+        keep = self.dedup.first_unseen(partition, hashes, event)
         received = run.column("received_at").to_numpy()
-        self.dedup.add(partition, hashes[keep], received[keep], sync=False)
+        self.dedup.add(partition, hashes[keep], event[keep], received[keep], sync=False)
         masked = self.deleted_users.keep_mask(run)
         if masked is not None:
             keep &= masked
