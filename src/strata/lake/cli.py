@@ -89,6 +89,11 @@ class _Local:
         self.job = BatchJob(
             config, self.store, self.lake, deleted_users=self.deleted_users, log_=self.log
         )
+        # No loader runs in this process: a rewritten day's finalized
+        # distinct counts are recomputed at once (decision 096).
+        from strata.query.day_answers import DayAnswers
+
+        self.job.on_revised = DayAnswers(lambda: self.store, self.store.metrics).recompute_now
 
     def close(self) -> None:
         self.store.close()

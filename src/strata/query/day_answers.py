@@ -93,6 +93,11 @@ class DayAnswers:
         # day -> seq of its latest stale mark; loaded from the table on first use.
         self._stale: dict[date, int] | None = None
         self.stats = {"days_finalized": 0, "days_recomputed": 0, "days_marked_stale": 0}
+        # False until the table was read once and had no frontier: then
+        # readers skip it until this process's finalizer sets one (the
+        # finalizer of the process that owns the loaders is the writer).
+        self._maybe_answered = True
+        self._frontier_writes = 0
 
     @property
     def store(self) -> Any:
@@ -231,6 +236,9 @@ class DayAnswers:
     def set_frontier(self, frontier: date) -> None:
         """Every day before ``frontier`` with data is answered (or stale)."""
         self._write({("", "", EPOCH): (frontier - EPOCH).days}, 0)
+        with self._lock:
+            self._frontier_writes += 1
+            self._maybe_answered = True
 
     def recompute_now(self, start_ms: int, end_ms: int) -> None:
         """Recompute the answered days overlapping ``[start_ms, end_ms)`` at
@@ -258,6 +266,9 @@ class DayAnswers:
         self, metric: str, aggregation: str, first: date, until: date
     ) -> tuple[date | None, dict[date, int | None]]:
         """(frontier, {day: value, or None if stale}) for days in [first, until)."""
+        if not self._maybe_answered:
+            return None, {}
+        writes = self._frontier_writes
         _, rows = self.store.query_rows(
             SQL["read"],
             {"metric": metric, "aggregation": aggregation, "first": first, "until": until},
@@ -267,7 +278,12 @@ class DayAnswers:
             for name, day, value, stale in rows
             if name != ""
         }
-        return _frontier(rows), answers
+        frontier = _frontier(rows)
+        if frontier is None:
+            with self._lock:
+                if writes == self._frontier_writes:  # no frontier written meanwhile
+                    self._maybe_answered = False
+        return frontier, answers
 
 
 def _frontier(rows: list[tuple[Any, ...]]) -> date | None:

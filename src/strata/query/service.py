@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,7 +33,7 @@ from strata.query.day_answers import DayAnswers, Target, day_ms, day_of, day_run
 from strata.query.limits import QueryLimits, open_limits
 from strata.query.live import LiveMerger, LivePlan
 from strata.query.results import QueryResult
-from strata.query.router import Route, Router, TimeRange
+from strata.query.router import DAY_MS, Route, Router, TimeRange, find_time_range
 from strata.telemetry import REGISTRY
 
 log = logging.getLogger("strata.query")
@@ -44,6 +44,10 @@ LIVE_WINDOWS_NOTE = (
     "not merged: the raw path answers from the events loaded so far; "
     "the serving store's live windows are merged into rollup-routed answers only"
 )
+
+
+PLAN_CACHE_S = 30.0
+PLAN_CACHE_MAX = 1024
 
 
 def sql_settings(config: Config) -> dict[str, Any]:
@@ -108,6 +112,8 @@ class QueryService:
         # pipeline's DayFinalizer, read by daily_answers.
         self.day_answers = DayAnswers(store_getter, metrics)
         self._revised: deque[tuple[int, int]] = deque(maxlen=10_000)
+        # SQL text -> (expiry, route, normalized): see _planned.
+        self._plans: OrderedDict[str, tuple[float, Route, str]] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"hits": 0, "misses": 0, "invalidated": 0}
 
@@ -422,10 +428,35 @@ class QueryService:
         columns, rows = self.store.query_rows(sql, parameters, sql_settings(self.config))
         return columns, rows
 
-    def sql(self, user: str, text: str) -> QueryResult:
+    def _planned(self, text: str) -> tuple[Route, str]:
+        """(route, normalized form) of ``text``; raises sandbox.SQLRejected.
+
+        Parsing, the sandbox and the router cost a few ms of Python per
+        request, as much as a small rollup read; a dashboard sends the same
+        text every few seconds. Plans of texts whose time range does not
+        depend on the clock (no ``now()``/``today()``) are kept for
+        PLAN_CACHE_S per process: the only other clock input of a route, the
+        5-minute rollup's TTL horizon, has a day of margin (Router._granularity)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._plans.get(text)
+            if hit is not None and hit[0] > now:
+                self._plans.move_to_end(text)
+                return hit[1], hit[2]
         tree = sandbox.check(text)
-        route = self.router.route(tree)
+        now_ms = int(time.time() * 1000)
+        route = self.router.route(tree, now_ms)
         normalized = normalize(tree)
+        if route.time_range == find_time_range(tree, now_ms + DAY_MS):
+            with self._lock:
+                self._plans[text] = (now + PLAN_CACHE_S, route, normalized)
+                self._plans.move_to_end(text)
+                while len(self._plans) > PLAN_CACHE_MAX:
+                    self._plans.popitem(last=False)
+        return route, normalized
+
+    def sql(self, user: str, text: str) -> QueryResult:
+        route, normalized = self._planned(text)
 
         def compute() -> QueryResult:
             started = time.perf_counter()
