@@ -11,22 +11,27 @@ difference in network delay.
 
 * Ids are bucketed by (partition, event-time minute): one **slot** per
   ``SLOT_MS`` of ``ts``.
-* Durability, as before: one append-only file of little-endian uint64 per
-  (partition, slot), ``p<N>-m<minute>[.e<epoch>].u64``. The caller's
-  checkpoint records each file's length (``lengths()``), and ``load`` cuts
-  files back to it, so the index always matches the committed offsets.
 * **Hot** slots, those within ``hot_window`` of the newest slot seen in the
   partition, are in memory (sorted numpy arrays, merged LSM-style). Every
   lookup checks all hot slots of its partition, whatever its ``ts``: this
   also catches retries of events whose ``ts`` is their receive time (no or
   clamped client timestamp) within the hot window.
-* **Cold** slots are spilled to an immutable sorted *run* file (derived from
-  the append file, rebuilt at load when missing or stale) with only every
-  ``BLOCK``-th value (the fences) in memory. A lookup whose own slot, or a
-  slot within ``TOLERANCE_MS`` of its ``ts``, is cold reads the few 4 KiB
-  blocks it needs with ``os.pread`` (not mmap: mapped pages count in RSS).
-  Ids added to a cold slot later (late events) are appended to its file and
-  kept in a small in-memory tail until the run is rewritten.
+* **Cold** slots are spilled to an immutable sorted *run* file with only
+  every ``BLOCK``-th value (the fences) in memory. A lookup whose own slot,
+  or a slot within ``TOLERANCE_MS`` of its ``ts``, is cold reads the few
+  4 KiB blocks it needs with ``os.pread`` (not mmap: mapped pages count in
+  RSS). Ids that reach a cold slot later (late events) are kept in a small
+  in-memory tail until the run is rewritten (``TAIL_BUDGET``).
+* Durability, as before: append-only files whose lengths the caller's
+  checkpoint records (``lengths()``); ``load`` cuts them back to it, so the
+  index always matches the committed offsets. Ids of the two newest slots
+  go to ``p<N>-m<minute>[.e<epoch>].u64`` (uint64 hashes of that slot); all
+  older ones (late events) to one journal per receive hour,
+  ``p<N>-l<hour>[.e<epoch>].u64`` (12-byte records: hash, slot), so a batch
+  costs a few fsyncs however widely its event times spread. Run files are
+  derived: each records how many bytes of which append files it holds, and
+  ``load`` rebuilds runs that are missing, torn or cover bytes the
+  checkpoint does not.
 * A slot expires when its last write (receive time) is older than the
   horizon, so an id is remembered at least ``dedup_horizon`` after it was
   last seen (docs/semantics.md says what is and is not guaranteed).
@@ -44,6 +49,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import time
 from hashlib import blake2b
 from pathlib import Path
 
@@ -58,13 +64,15 @@ TOLERANCE_MS = 60_000
 DEFAULT_HOT_WINDOW_MS = 300_000
 # Values per fence: one 4 KiB pread per cold lookup, 1/512 of a run in memory.
 BLOCK = 512
-# Late ids of cold slots held in memory, per index, before runs are rewritten.
+# Ids of cold slots held in memory (tails), per index, before runs are rewritten.
 TAIL_BUDGET = 1 << 20
 
-_RUN_MAGIC = b"STRDRUN1"
-_RUN_HEADER = struct.Struct("<8sQQQ")  # magic, covered bytes, count, block
-_NAME = re.compile(r"^p(\d+)-(m?)(\d+)(?:\.e(\d+))?\.u64$")
-_RUN_NAME = re.compile(r"^(p\d+-m?\d+(?:\.e\d+)?\.u64)(?:\.e(\d+))?\.run(\.tmp)?$")
+JOURNAL_RECORD = np.dtype([("hash", "<u8"), ("slot", "<u4")])
+_RUN_MAGIC = b"STRDRUN2"
+_RUN_HEADER = struct.Struct("<8sQQQ")  # magic, count, block, number of covered files
+_RUN_REF = struct.Struct("<56sQ")  # append file name, bytes of it in the run
+_NAME = re.compile(r"^p(\d+)-([ml]?)(\d+)(?:\.e(\d+))?\.u64$")
+_RUN_NAME = re.compile(r"^p(\d+)-m(\d+)(?:\.e(\d+))?\.run(\.tmp)?$")
 
 
 def hash_ids(ids: list[str]) -> np.ndarray:
@@ -90,37 +98,55 @@ def _add_chunk(chunks: list[np.ndarray], values: np.ndarray) -> None:
         chunks.append(merged)
 
 
+def _groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(key, indexes) for each distinct key, indexes in their original order."""
+    if len(keys) == 0:
+        return []
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    return [
+        (int(ordered[a]), order[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
+    ]
+
+
 class _Run:
-    """An immutable sorted run file: header, fences, values. It holds exactly
-    the first ``covered`` bytes of its append file, sorted."""
+    """An immutable sorted run file: header, covered files, fences, values.
+    It holds exactly this slot's ids among the first ``coverage[name]``
+    bytes of each listed append file."""
 
-    __slots__ = ("count", "covered", "fences", "path", "values_offset")
+    __slots__ = ("count", "coverage", "fences", "path", "values_offset")
 
-    def __init__(self, path: Path, covered: int, count: int, fences: np.ndarray) -> None:
+    def __init__(
+        self, path: Path, coverage: dict[str, int], count: int, fences: np.ndarray
+    ) -> None:
         self.path = path
-        self.covered = covered
+        self.coverage = coverage
         self.count = count
         self.fences = fences
-        self.values_offset = _RUN_HEADER.size + 8 * len(fences)
+        self.values_offset = _RUN_HEADER.size + _RUN_REF.size * len(coverage) + 8 * len(fences)
 
     @classmethod
-    def write(cls, path: Path, values: np.ndarray, covered: int) -> _Run:
+    def write(cls, path: Path, values: np.ndarray, coverage: dict[str, int]) -> _Run:
         """Write ``values`` (sorted) as a run, tmp + fsync + rename."""
         fences = values[::BLOCK].copy()
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as handle:
-            handle.write(_RUN_HEADER.pack(_RUN_MAGIC, covered, len(values), BLOCK))
+            handle.write(_RUN_HEADER.pack(_RUN_MAGIC, len(values), BLOCK, len(coverage)))
+            for name, covered in coverage.items():
+                handle.write(_RUN_REF.pack(name.encode(), covered))
             handle.write(fences.tobytes())
             handle.write(np.ascontiguousarray(values, dtype="<u8").tobytes())
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        return cls(path, covered, len(values), fences)
+        return cls(path, dict(coverage), len(values), fences)
 
     @classmethod
-    def open(cls, path: Path, max_covered: int) -> _Run | None:
-        """The run at ``path`` if it is well-formed and covers at most
-        ``max_covered`` bytes; None if it is missing or unusable."""
+    def open(cls, path: Path) -> _Run | None:
+        """The run at ``path`` if it is well-formed; None if it is missing or
+        torn (its validity against the checkpoint is the caller's check)."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -129,16 +155,22 @@ class _Run:
             header = os.pread(fd, _RUN_HEADER.size, 0)
             if len(header) != _RUN_HEADER.size:
                 return None
-            magic, covered, count, block = _RUN_HEADER.unpack(header)
+            magic, count, block, n_refs = _RUN_HEADER.unpack(header)
             n_fences = -(-count // BLOCK)
-            expected = _RUN_HEADER.size + 8 * (n_fences + count)
-            if (magic != _RUN_MAGIC or block != BLOCK or covered != 8 * count
-                    or covered > max_covered or os.fstat(fd).st_size != expected):
+            refs_size = _RUN_REF.size * n_refs
+            expected = _RUN_HEADER.size + refs_size + 8 * (n_fences + count)
+            if magic != _RUN_MAGIC or block != BLOCK or os.fstat(fd).st_size != expected:
                 return None
-            fences = np.frombuffer(os.pread(fd, 8 * n_fences, _RUN_HEADER.size), dtype="<u8")
+            refs = os.pread(fd, refs_size, _RUN_HEADER.size)
+            coverage = {}
+            for i in range(n_refs):
+                name, covered = _RUN_REF.unpack_from(refs, i * _RUN_REF.size)
+                coverage[name.rstrip(b"\0").decode()] = covered
+            data = os.pread(fd, 8 * n_fences, _RUN_HEADER.size + refs_size)
+            fences = np.frombuffer(data, dtype="<u8").copy()
         finally:
             os.close(fd)
-        return cls(path, covered, count, fences.copy())
+        return cls(path, coverage, count, fences)
 
     def read_all(self) -> np.ndarray:
         return np.fromfile(self.path, dtype="<u8", count=self.count, offset=self.values_offset)
@@ -149,38 +181,34 @@ class _Run:
         if self.count == 0 or len(hashes) == 0:
             return found
         blocks = np.searchsorted(self.fences, hashes, side="right") - 1
-        candidates = np.nonzero(blocks >= 0)[0]
+        candidates = np.flatnonzero(blocks >= 0)
         if len(candidates) == 0:
             return found
-        order = candidates[np.argsort(blocks[candidates], kind="stable")]
-        sorted_blocks = blocks[order]
-        starts = np.flatnonzero(np.r_[True, sorted_blocks[1:] != sorted_blocks[:-1]])
-        ends = np.r_[starts[1:], len(order)]
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-                block = int(sorted_blocks[start])
+            for block, members in _groups(blocks[candidates]):
                 n = min(BLOCK, self.count - block * BLOCK)
                 data = os.pread(fd, 8 * n, self.values_offset + 8 * BLOCK * block)
-                values = np.frombuffer(data, dtype="<u8")
-                members = order[start:end]
-                found[members] = _contains(values, hashes[members])
+                members = candidates[members]
+                found[members] = _contains(np.frombuffer(data, dtype="<u8"), hashes[members])
         finally:
             os.close(fd)
         return found
 
 
-class _File:
-    """One append file of a slot (a slot has one per writer epoch): its ids
-    are ``run`` (on disk, when cold) plus ``chunks`` (in memory: all of them
-    when hot, the tail beyond the run when cold)."""
+class _Slot:
+    """One (partition, minute) of the index: ids in ``run`` (on disk, cold
+    slots) plus ``chunks`` (in memory: all ids when hot, the tail beyond the
+    run when cold). ``files`` and ``journals`` are the append files holding
+    its ids."""
 
-    __slots__ = ("chunks", "last_write_ms", "name", "run")
+    __slots__ = ("chunks", "files", "journals", "last_write_ms", "run")
 
-    def __init__(self, name: str, last_write_ms: int) -> None:
-        self.name = name
+    def __init__(self, last_write_ms: int = 0) -> None:
         self.last_write_ms = last_write_ms
         self.chunks: list[np.ndarray] = []
+        self.files: list[str] = []
+        self.journals: set[str] = set()
         self.run: _Run | None = None
 
     def in_memory(self) -> int:
@@ -198,14 +226,32 @@ class _File:
 
 
 class _Partition:
-    __slots__ = ("cold", "hot", "legacy", "newest_slot")
+    __slots__ = ("_cold_keys", "cold", "hot", "legacy", "newest_slot")
 
     def __init__(self) -> None:
         self.newest_slot: int | None = None
-        self.hot: dict[int, list[_File]] = {}
-        self.cold: dict[int, list[_File]] = {}
+        self.hot: dict[int, _Slot] = {}
+        # Mutate only through set_cold/pop_cold: cold_keys() is cached.
+        self.cold: dict[int, _Slot] = {}
+        self._cold_keys: np.ndarray | None = None
         # Pre-094 files: (receive hour, name, sorted values).
         self.legacy: list[tuple[int, str, np.ndarray]] = []
+
+    def get(self, slot: int) -> _Slot | None:
+        return self.hot.get(slot) or self.cold.get(slot)
+
+    def set_cold(self, number: int, slot: _Slot) -> None:
+        self.cold[number] = slot
+        self._cold_keys = None
+
+    def pop_cold(self, number: int) -> _Slot:
+        self._cold_keys = None
+        return self.cold.pop(number)
+
+    def cold_keys(self) -> np.ndarray:
+        if self._cold_keys is None:
+            self._cold_keys = np.fromiter(self.cold, dtype=np.int64, count=len(self.cold))
+        return self._cold_keys
 
 
 class DedupIndex:
@@ -221,12 +267,11 @@ class DedupIndex:
         newest event time of a partition its slots stay in memory.
 
         ``epoch`` (fenced processors, decision 090): files this index appends
-        to are named ``p<N>-m<minute>.e<epoch>.u64``, so a stale owner of the
+        to carry ``.e<epoch>`` in their names, so a stale owner of the
         directory (a lower epoch) never appends to the current owner's files.
         ``load`` then reads other epochs' files only up to their checkpointed
         lengths, never truncates them, and removes only unknown files of
-        lower epochs. Run files carry the reader's epoch too
-        (``<append file>.e<epoch>.run``)."""
+        lower epochs. Run files carry the reader's epoch too."""
         self.directory = directory
         self.epoch = epoch
         self.horizon_ms = horizon_ms
@@ -237,17 +282,20 @@ class DedupIndex:
         self._partitions: dict[int, _Partition] = {}
         self._lengths: dict[str, int] = {}
         self._unsynced: set[Path] = set()
+        self._next_expire_ms = 0
+        self._tails_added = 0
 
     # -- persistence -------------------------------------------------------
     def load(self, lengths: dict[str, int]) -> None:
         """Restore exactly the committed state: files are cut back to the
         checkpointed lengths; files the checkpoint does not know are removed.
-        Run files are derived: a run of a file that had to be cut back is
-        removed first, and missing or unusable runs are rebuilt."""
+        Runs that are missing, torn or hold ids beyond the checkpoint are
+        rebuilt from the append files."""
         self._partitions = {}
         self._lengths = {}
         self._unsynced = set()
-        found: dict[int, list[tuple[int, str, int]]] = {}
+        slot_files: dict[int, dict[int, list[str]]] = {}
+        journals: dict[int, list[tuple[int, str]]] = {}
         for path in sorted(self.directory.glob("p*-*.u64")):
             match = _NAME.match(path.name)
             if match is None:
@@ -257,50 +305,103 @@ class DedupIndex:
             owned = self.epoch is None or epoch == self.epoch
             if length == 0:
                 if owned or epoch < (self.epoch or 0):
-                    self._run_path(path.name).unlink(missing_ok=True)
                     path.unlink(missing_ok=True)
                 continue
             if owned and path.stat().st_size != length:
-                # A crash between append and checkpoint: the run may hold ids
-                # beyond the checkpoint, so it goes before the cut.
-                self._run_path(path.name).unlink(missing_ok=True)
                 with open(path, "r+b") as handle:
                     handle.truncate(length)
             self._lengths[path.name] = length
-            partition, number = int(match[1]), int(match[3])
+            partition, kind, number = int(match[1]), match[2], int(match[3])
             state = self._partitions.setdefault(partition, _Partition())
-            if not match[2]:
+            if kind == "m":
+                slot_files.setdefault(partition, {}).setdefault(number, []).append(path.name)
+            elif kind == "l":
+                journals.setdefault(partition, []).append((number, path.name))
+            else:
                 values = np.fromfile(path, dtype="<u8", count=length // 8)
                 state.legacy.append((number, path.name, np.sort(values)))
-                continue
-            found.setdefault(partition, []).append((number, path.name, length))
-        for partition, files in found.items():
-            state = self._partitions[partition]
-            state.newest_slot = max(slot for slot, _, _ in files)
-            for slot, name, length in files:
-                path = self.directory / name
-                # The last write is not recorded; the file's mtime is at or
-                # after it, so expiry after a restart is never early.
-                file = _File(name, path.stat().st_mtime_ns // 1_000_000)
-                if self._is_hot(state, slot):
-                    values = np.fromfile(path, dtype="<u8", count=length // 8)
-                    file.chunks = [np.sort(values)]
-                    state.hot.setdefault(slot, []).append(file)
-                    continue
-                file.run = _Run.open(self._run_path(name), length)
-                if file.run is None:
-                    values = np.fromfile(path, dtype="<u8", count=length // 8)
-                    values.sort()
-                    file.run = _Run.write(self._run_path(name), values, length)
-                    del values
-                elif file.run.covered < length:
-                    covered = file.run.covered
-                    tail = np.fromfile(path, dtype="<u8", count=(length - covered) // 8,
-                                       offset=covered)
-                    file.chunks = [np.sort(tail)]
-                state.cold.setdefault(slot, []).append(file)
+        now = int(time.time() * 1000)
+        for partition, state in self._partitions.items():
+            slots = slot_files.get(partition, {})
+            if slots:
+                state.newest_slot = max(slots)
+            for slot, names in slots.items():
+                self._load_slot(partition, state, slot, names, now)
+            for _, name in journals.get(partition, []):
+                self._load_journal(partition, state, name, now)
+            for slot_number, slot in state.cold.items():
+                if slot.run is None:
+                    self._write_run(partition, slot_number, slot)
         self._remove_stray_runs()
+        self._tails_added = TAIL_BUDGET + 1  # recount
         self._flush_tails()
+
+    def _load_slot(
+        self, partition: int, state: _Partition, slot_number: int, names: list[str], now: int
+    ) -> None:
+        slot = _Slot(max(self._mtime_ms(name) for name in names))
+        slot.files = names
+        if self._is_hot(state, slot_number):
+            state.hot[slot_number] = slot
+        else:
+            state.set_cold(slot_number, slot)
+            slot.run = self._open_run(partition, slot_number, now)
+        for name in names:
+            start = slot.run.coverage.get(name, 0) if slot.run is not None else 0
+            end = self._lengths[name]
+            if end > start:
+                values = np.fromfile(
+                    self.directory / name, dtype="<u8", count=(end - start) // 8, offset=start
+                )
+                _add_chunk(slot.chunks, np.sort(values))
+
+    def _load_journal(self, partition: int, state: _Partition, name: str, now: int) -> None:
+        length = self._lengths[name]
+        records = np.fromfile(self.directory / name, dtype=JOURNAL_RECORD,
+                              count=length // JOURNAL_RECORD.itemsize)
+        written = self._mtime_ms(name)
+        positions = np.arange(len(records), dtype=np.int64) * JOURNAL_RECORD.itemsize
+        for slot_number, members in _groups(records["slot"].astype(np.int64)):
+            slot = state.get(slot_number)
+            if slot is None:
+                slot = _Slot(written)
+                if self._is_hot(state, slot_number):
+                    state.hot[slot_number] = slot
+                else:
+                    state.set_cold(slot_number, slot)
+                    slot.run = self._open_run(partition, slot_number, now)
+            slot.journals.add(name)
+            slot.last_write_ms = max(slot.last_write_ms, written)
+            if slot.run is not None:
+                members = members[positions[members] >= slot.run.coverage.get(name, 0)]
+            if len(members):
+                _add_chunk(slot.chunks, np.sort(records["hash"][members]))
+
+    def _open_run(self, partition: int, slot_number: int, now: int) -> _Run | None:
+        run = _Run.open(self._run_path(partition, slot_number))
+        return run if run is not None and self._covers_only_committed(run, now) else None
+
+    def _covers_only_committed(self, run: _Run, now: int) -> bool:
+        """A run is usable iff every byte it covers is committed. A journal
+        that expired since (older than the horizon) may be gone."""
+        for name, covered in run.coverage.items():
+            length = self._lengths.get(name)
+            if length is None:
+                match = _NAME.match(name)
+                if match and match[2] == "l" and self._journal_expired(int(match[3]), now):
+                    continue
+                return False
+            if covered > length:
+                return False
+        return True
+
+    def _journal_expired(self, hour: int, now_ms: int) -> bool:
+        return (hour + 1) * HOUR_MS <= now_ms - self.horizon_ms
+
+    def _mtime_ms(self, name: str) -> int:
+        # The last write is not recorded; the mtime is at or after it, so
+        # expiry after a restart is never early.
+        return (self.directory / name).stat().st_mtime_ns // 1_000_000
 
     def lengths(self) -> dict[str, int]:
         """Append-file lengths to checkpoint (run files are not part of it)."""
@@ -336,10 +437,9 @@ class DedupIndex:
         state = self._partitions.get(partition)
         if state is None:
             return keep
-        for files in state.hot.values():
-            for file in files:
-                for chunk in file.chunks:
-                    keep &= ~_contains(chunk, hashes)
+        for slot in state.hot.values():
+            for chunk in slot.chunks:
+                keep &= ~_contains(chunk, hashes)
         for _, _, values in state.legacy:
             keep &= ~_contains(values, hashes)
         if state.cold:
@@ -349,35 +449,26 @@ class DedupIndex:
     def _check_cold(
         self, state: _Partition, hashes: np.ndarray, event_ms: np.ndarray, keep: np.ndarray
     ) -> None:
-        cold_slots = np.fromiter(state.cold.keys(), dtype=np.int64, count=len(state.cold))
+        cold_slots = state.cold_keys()
         indexes: list[np.ndarray] = []
         slots: list[np.ndarray] = []
-        previous: np.ndarray | None = None
+        own = event_ms // SLOT_MS
         for offset in (0, -TOLERANCE_MS, TOLERANCE_MS):
-            slot = (event_ms + offset) // SLOT_MS
+            slot = own if offset == 0 else (event_ms + offset) // SLOT_MS
             wanted = keep & np.isin(slot, cold_slots)
-            if previous is not None:
-                wanted &= slot != previous
-            if offset == 0:
-                previous = slot
+            if offset:
+                wanted &= slot != own
             selected = np.flatnonzero(wanted)
             indexes.append(selected)
             slots.append(slot[selected])
         index = np.concatenate(indexes)
-        slot_of = np.concatenate(slots)
         if len(index) == 0:
             return
-        order = np.argsort(slot_of, kind="stable")
-        index, slot_of = index[order], slot_of[order]
-        starts = np.flatnonzero(np.r_[True, slot_of[1:] != slot_of[:-1]])
-        ends = np.r_[starts[1:], len(index)]
-        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-            members = index[start:end]
-            for file in state.cold[int(slot_of[start])]:
-                members = members[keep[members]]
-                if len(members) == 0:
-                    break
-                keep[members[file.contains(hashes[members])]] = False
+        for slot_number, members in _groups(np.concatenate(slots)):
+            members = index[members]
+            members = members[keep[members]]
+            if len(members):
+                keep[members[state.cold[slot_number].contains(hashes[members])]] = False
 
     # -- writes ------------------------------------------------------------
     def add(
@@ -396,120 +487,139 @@ class DedupIndex:
         if len(hashes) == 0:
             return
         state = self._partitions.setdefault(partition, _Partition())
+        hashes = np.ascontiguousarray(hashes, dtype="<u8")
         slots = np.asarray(event_ms, dtype=np.int64) // SLOT_MS
         received = np.asarray(received_ms, dtype=np.int64)
         top = int(slots.max())
         if state.newest_slot is None or top > state.newest_slot:
             state.newest_slot = top
-        order = np.argsort(slots, kind="stable")
-        sorted_slots = slots[order]
-        starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]])
-        ends = np.r_[starts[1:], len(order)]
-        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-            slot = int(sorted_slots[start])
-            members = order[start:end]
-            values = np.ascontiguousarray(hashes[members], dtype="<u8")
-            file = self._writable(state, partition, slot)
-            path = self.directory / file.name
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                os.write(fd, values.tobytes())
-                if sync:
-                    os.fsync(fd)
+        late: list[np.ndarray] = []
+        for slot_number, members in _groups(slots):
+            slot = state.get(slot_number)
+            if slot is None:
+                slot = _Slot()
+                if self._is_hot(state, slot_number):
+                    state.hot[slot_number] = slot
                 else:
-                    self._unsynced.add(path)
-            finally:
-                os.close(fd)
-            self._lengths[file.name] = self._lengths.get(file.name, 0) + values.nbytes
-            file.last_write_ms = max(file.last_write_ms, int(received[members].max()))
-            _add_chunk(file.chunks, np.sort(values))
-        self._spill(state)
+                    state.set_cold(slot_number, slot)
+            values = hashes[members]
+            if slot_number >= state.newest_slot - 1:
+                name = f"p{partition}-m{slot_number}{self._tag}.u64"
+                self._append(name, values.tobytes(), sync)
+                if name not in slot.files:
+                    slot.files.append(name)
+            else:
+                late.append(members)
+            slot.last_write_ms = max(slot.last_write_ms, int(received[members].max()))
+            _add_chunk(slot.chunks, np.sort(values))
+            if slot.run is not None or slot_number in state.cold:
+                self._tails_added += len(values)
+        if late:
+            members = np.concatenate(late)
+            for hour, in_hour in _groups(received[members] // HOUR_MS):
+                chosen = members[in_hour]
+                records = np.empty(len(chosen), dtype=JOURNAL_RECORD)
+                records["hash"] = hashes[chosen]
+                records["slot"] = slots[chosen]
+                name = f"p{partition}-l{hour}{self._tag}.u64"
+                self._append(name, records.tobytes(), sync)
+                for slot_number in np.unique(slots[chosen]).tolist():
+                    slot = state.get(slot_number)
+                    assert slot is not None
+                    slot.journals.add(name)
+        self._spill(partition, state)
         self._flush_tails()
 
-    def _writable(self, state: _Partition, partition: int, slot: int) -> _File:
-        name = f"p{partition}-m{slot}{self._tag}.u64"
-        files = state.hot.get(slot)
-        if files is None:
-            files = state.cold.get(slot)
-        if files is None:
-            group = state.hot if self._is_hot(state, slot) else state.cold
-            files = group.setdefault(slot, [])
-        for file in files:
-            if file.name == name:
-                return file
-        file = _File(name, 0)
-        files.append(file)
-        return file
+    def _append(self, name: str, data: bytes, sync: bool) -> None:
+        path = self.directory / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, data)
+            if sync:
+                os.fsync(fd)
+            else:
+                self._unsynced.add(path)
+        finally:
+            os.close(fd)
+        self._lengths[name] = self._lengths.get(name, 0) + len(data)
 
     def _is_hot(self, state: _Partition, slot: int) -> bool:
         return state.newest_slot is not None and slot >= state.newest_slot - self.hot_slots
 
-    def _spill(self, state: _Partition) -> None:
+    def _spill(self, partition: int, state: _Partition) -> None:
         """Slots that fell out of the hot window become runs on disk."""
-        for slot in [s for s in state.hot if not self._is_hot(state, s)]:
-            files = state.hot.pop(slot)
-            for file in files:
-                self._write_run(file)
-            state.cold[slot] = files
+        for slot_number in [s for s in state.hot if not self._is_hot(state, s)]:
+            slot = state.hot.pop(slot_number)
+            self._write_run(partition, slot_number, slot)
+            state.set_cold(slot_number, slot)
 
-    def _write_run(self, file: _File) -> None:
-        """Merge the file's run (if any) and in-memory ids into a new run
-        covering the whole file."""
-        parts = list(file.chunks)
-        if file.run is not None:
-            parts.append(file.run.read_all())
+    def _write_run(self, partition: int, slot_number: int, slot: _Slot) -> None:
+        """Merge the slot's run (if any) and in-memory ids into a new run
+        covering all of its append files' current bytes."""
+        parts = list(slot.chunks)
+        if slot.run is not None:
+            parts.append(slot.run.read_all())
         values = np.concatenate(parts) if parts else np.zeros(0, dtype="<u8")
         values.sort()
-        file.run = _Run.write(self._run_path(file.name), values, self._lengths[file.name])
-        file.chunks = []
+        names = [*slot.files, *sorted(slot.journals)]
+        coverage = {name: self._lengths[name] for name in names if name in self._lengths}
+        slot.run = _Run.write(self._run_path(partition, slot_number), values, coverage)
+        slot.chunks = []
 
     def _flush_tails(self) -> None:
-        """Keep late ids of cold slots under ``TAIL_BUDGET``: the largest
-        tails are merged into their runs until half the budget is left."""
+        """Keep ids of cold slots in memory under ``TAIL_BUDGET``: the
+        largest tails are merged into their runs until half is left.
+        ``_tails_added`` (never less than the true total) spares the scan."""
+        if self._tails_added <= TAIL_BUDGET:
+            return
         tails = [
-            file
-            for state in self._partitions.values()
-            for files in state.cold.values()
-            for file in files
-            if file.chunks
+            (slot.in_memory(), partition, number, slot)
+            for partition, state in self._partitions.items()
+            for number, slot in state.cold.items()
+            if slot.chunks
         ]
-        total = sum(file.in_memory() for file in tails)
+        total = sum(t[0] for t in tails)
+        self._tails_added = total
         if total <= TAIL_BUDGET:
             return
-        for file in sorted(tails, key=_File.in_memory, reverse=True):
+        for size, partition, number, slot in sorted(tails, key=lambda t: t[0], reverse=True):
             if total <= TAIL_BUDGET // 2:
                 break
-            total -= file.in_memory()
-            self._write_run(file)
+            total -= size
+            self._write_run(partition, number, slot)
+        self._tails_added = total
 
     def expire(self, now_ms: int) -> None:
-        """Forget slots whose last write is older than the horizon (and
-        pre-094 files older than the horizon by their receive hour)."""
+        """Forget slots whose last write is older than the horizon, journals
+        whose receive hour is, and pre-094 files older than the horizon by
+        their receive hour. Runs at most once per ``SLOT_MS`` of ``now_ms``:
+        callers call it every batch, and expiring up to a slot late never
+        forgets an id early."""
+        if now_ms < self._next_expire_ms:
+            return
+        self._next_expire_ms = now_ms + SLOT_MS
         cutoff = now_ms - self.horizon_ms
         cutoff_hour = now_ms // HOUR_MS - self.horizon_hours
         for partition, state in list(self._partitions.items()):
             for group in (state.hot, state.cold):
-                for slot in list(group):
-                    alive = []
-                    for file in group[slot]:
-                        if file.last_write_ms < cutoff:
-                            self._remove(file.name)
-                        else:
-                            alive.append(file)
-                    if alive:
-                        group[slot] = alive
-                    else:
-                        del group[slot]
+                for number in [n for n, s in group.items() if s.last_write_ms < cutoff]:
+                    slot = state.pop_cold(number) if group is state.cold else group.pop(number)
+                    for name in slot.files:
+                        self._remove(name)
+                    self._run_path(partition, number).unlink(missing_ok=True)
             for hour, name, _ in state.legacy:
                 if hour < cutoff_hour:
                     self._remove(name)
             state.legacy = [entry for entry in state.legacy if entry[0] >= cutoff_hour]
             if not (state.hot or state.cold or state.legacy):
                 del self._partitions[partition]
+        for name in list(self._lengths):
+            match = _NAME.match(name)
+            if match and match[2] == "l" and self._journal_expired(int(match[3]), now_ms):
+                self._remove(name)
 
     def _remove(self, name: str) -> None:
         self._lengths.pop(name, None)
-        self._run_path(name).unlink(missing_ok=True)
         (self.directory / name).unlink(missing_ok=True)
 
     # -- introspection -----------------------------------------------------
@@ -519,11 +629,10 @@ class DedupIndex:
         total = 0
         for state in self._partitions.values():
             for group in (state.hot, state.cold):
-                for files in group.values():
-                    for file in files:
-                        total += file.in_memory()
-                        if file.run is not None:
-                            total += len(file.run.fences)
+                for slot in group.values():
+                    total += slot.in_memory()
+                    if slot.run is not None:
+                        total += len(slot.run.fences)
             total += sum(len(values) for _, _, values in state.legacy)
         return total
 
@@ -542,17 +651,22 @@ class DedupIndex:
         return sorted(state.cold) if state is not None else []
 
     # -- files -------------------------------------------------------------
-    def _run_path(self, name: str) -> Path:
-        return self.directory / f"{name}{self._tag}.run"
+    def _run_path(self, partition: int, slot: int) -> Path:
+        return self.directory / f"p{partition}-m{slot}{self._tag}.run"
 
     def _remove_stray_runs(self) -> None:
-        """Remove run files this reader wrote for files it no longer has, and
-        runs (or leftovers) of lower reader epochs."""
+        """Remove this reader's runs of slots that are not cold (or leftover
+        temporary files), and runs of lower reader epochs."""
         mine = self.epoch or 0
         for path in self.directory.glob("p*.run*"):
             match = _RUN_NAME.match(path.name)
             if match is None:
                 continue
-            reader = int(match[2] or 0)
-            if reader < mine or (reader == mine and (match[3] or match[1] not in self._lengths)):
+            reader = int(match[3] or 0)
+            if reader < mine:
                 path.unlink(missing_ok=True)
+            elif reader == mine:
+                state = self._partitions.get(int(match[1]))
+                slot = state.cold.get(int(match[2])) if state is not None else None
+                if match[4] or slot is None or slot.run is None:
+                    path.unlink(missing_ok=True)
