@@ -228,6 +228,49 @@ def test_restart_backfills_days_with_no_answers(tmp_path: Path) -> None:
     }
     env.close()
 
+    # `strata delete-user` without a server rewrites the user's days from
+    # raw; no loader runs there, so the answers are recomputed at once.
+    from strata.lake.cli import _Local
+    from strata.lake.gdpr import delete_user
+
+    gone = events[0].distinct_id
+    day = day_of(events[0].ts)
+    local = _Local(env.config)
+    try:
+        report = delete_user(
+            gone,
+            store=local.store,
+            lake=local.lake,
+            batch=local.job,
+            deleted_users=local.deleted_users,
+        )
+        assert day.isoformat() in report.days_recomputed
+        _, rows = local.store.query_rows(
+            "SELECT day, argMax(value, version), argMax(stale, version) FROM day_answers "
+            "WHERE metric = 'active_users' AND aggregation = 'users' GROUP BY day"
+        )
+        after = reference([e for e in events if e.distinct_id != gone])
+        assert {d: (int(v), int(st)) for d, v, st in rows}[day] == (after[day], 0)
+        assert after[day] == ref[day] - 1
+    finally:
+        local.close()
+
+
+def test_plans_of_clock_independent_sql_are_kept(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    service = env.pipeline.query
+    fixed = (
+        "SELECT toDate(ts) AS t, count() AS n FROM events "
+        "WHERE ts >= '2026-01-01 00:00:00' AND ts < '2026-01-02 00:00:00' GROUP BY t"
+    )
+    relative = "SELECT count() FROM events WHERE ts >= now() - INTERVAL 1 HOUR"
+    first = service.sql("a", fixed)
+    assert fixed in service._plans and first.meta["served_from"].startswith("rollup")
+    assert service.sql("b", fixed).meta["served_from"] == first.meta["served_from"]
+    service.sql("a", relative)
+    assert relative not in service._plans  # its range moves with the clock
+    env.close()
+
 
 def test_late_events_outside_held_windows_mark_the_day(tmp_path: Path) -> None:
     """A late event the processor no longer holds reaches only late_events;
