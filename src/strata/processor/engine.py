@@ -227,64 +227,23 @@ class WindowEngine:
         step = Step()
         if not runs:
             return step
-        sizes = [r[1].num_rows for r in runs]
-        partition_of = np.repeat(np.array([r[0] for r in runs], dtype=np.int64), sizes)
         # A run whose records were filtered (retries, deleted users) carries
         # its log offsets in an ``_offset`` column; else they are consecutive.
-        offset_of = np.concatenate(
-            [
-                r[1].column("_offset").to_numpy().astype(np.int64)
-                if "_offset" in r[1].column_names
-                else np.arange(r[2], r[2] + r[1].num_rows, dtype=np.int64)
-                for r in runs
-            ]
-        )
         tables = [
             r[1].drop_columns(["_offset"]) if "_offset" in r[1].column_names else r[1] for r in runs
         ]
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        n = table.num_rows
         for partition, _, _ in runs:
             self.last_active[partition] = now_ms
         ts = table.column("ts").to_numpy()
         if ts.dtype != np.int64:
             ts = ts.astype(np.int64)
-        present = {r[0] for r in runs}
-        combined_before = np.full(
-            n,
-            min(
-                (self.max_ts[p] for p in self._active(now_ms) if p not in present),
-                default=FAR_FUTURE,
-            ),
-            dtype=np.int64,
-        )
-        # Max event time of each partition *before* each event: constant
-        # outside the partition's runs, a running maximum inside them.
-        bounds = np.concatenate([[0], np.cumsum(sizes)])
-        for partition in sorted(present):
-            current = self.max_ts[partition]
-            done = 0
-            for index, run in enumerate(runs):
-                if run[0] != partition:
-                    continue
-                a, b = int(bounds[index]), int(bounds[index + 1])
-                if a > done:
-                    np.minimum(combined_before[done:a], current, out=combined_before[done:a])
-                before = np.empty(b - a, dtype=np.int64)
-                before[0] = current
-                if b - a > 1:
-                    np.maximum.accumulate(ts[a : b - 1], out=before[1:])
-                    np.maximum(before[1:], current, out=before[1:])
-                np.minimum(combined_before[a:b], before, out=combined_before[a:b])
-                current = max(current, int(ts[a:b].max()))
-                done = b
-            if done < n:
-                np.minimum(combined_before[done:], current, out=combined_before[done:])
-            self.max_ts[partition] = current
-        cache: dict[str, Any] = {}
+        batch = _Batch(runs, table, ts)
+        combined_before = self._combined_before(runs, batch.bounds, ts, now_ms)
+        selections: dict[str, _Selection] = {}
         pending_late = []
         for rt in self.metrics:
-            late = self._process_metric(rt, table, ts, combined_before, cache)
+            late = self._process_metric(rt, batch, combined_before, selections)
             if late is not None:
                 pending_late.append((rt, late))
         # Same order as one event at a time: on-time events are in, windows
@@ -292,13 +251,13 @@ class WindowEngine:
         self._update_watermarks(now_ms)
         for rt in self.metrics:
             self._fire(rt, step)
-        for rt, (rows, starts, watermarks) in pending_late:
+        for rt, (selection, positions, starts, watermarks) in pending_late:
             metric = rt.metric
             done = metric.window_ms + metric.allowed_lateness_ms
             held = starts + done + self.retention_ms > watermarks
-            self._late(rt, table, partition_of, offset_of, rows, starts, watermarks, held, step)
+            self._late(rt, batch, selection.table_rows(positions), starts, watermarks, held, step)
             if held.any():
-                self._aggregate(rt, table, rows[held], starts[held], cache, late=True)
+                self._aggregate(rt, selection, positions[held], starts[held], late=True)
                 for start in np.unique(starts[held]).tolist():
                     step.revised.append((metric.name, start, start + metric.window_ms))
                     rt.revised.add((start, start + metric.window_ms))
@@ -306,58 +265,91 @@ class WindowEngine:
             self._evict(rt, step)
         return step
 
+    def _combined_before(
+        self,
+        runs: Sequence[tuple[int, pa.Table, int]],
+        bounds: np.ndarray,
+        ts: np.ndarray,
+        now_ms: int,
+    ) -> np.ndarray:
+        """Per event: the minimum over active partitions of their maximum
+        event time just *before* that event; updates ``max_ts``.
+
+        Inside a run only its own partition's maximum moves (a running
+        maximum), so every other partition contributes one constant per
+        run."""
+        present = {r[0] for r in runs}
+        absent = min(
+            (self.max_ts[p] for p in self._active(now_ms) if p not in present),
+            default=FAR_FUTURE,
+        )
+        current = {p: self.max_ts[p] for p in present}
+        out = np.empty(len(ts), dtype=np.int64)
+        for index, (partition, _, _) in enumerate(runs):
+            a, b = int(bounds[index]), int(bounds[index + 1])
+            others = min((v for p, v in current.items() if p != partition), default=FAR_FUTURE)
+            others = min(others, absent)
+            before = current[partition]
+            out[a] = min(before, others)
+            if b - a > 1:
+                inside = out[a + 1 : b]
+                np.maximum.accumulate(ts[a : b - 1], out=inside)
+                np.maximum(inside, before, out=inside)
+                np.minimum(inside, others, out=inside)
+            current[partition] = max(before, int(ts[a:b].max()))
+        self.max_ts.update(current)
+        return out
+
     def _process_metric(
         self,
         rt: _MetricRuntime,
-        table: pa.Table,
-        ts: np.ndarray,
+        batch: _Batch,
         combined_before: np.ndarray,
-        cache: dict[str, Any],
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Aggregate the on-time events; return the late (rows, window
-        starts, watermark at arrival), or None."""
+        selections: dict[str, _Selection],
+    ) -> tuple[_Selection, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Aggregate the on-time events; return the late (selection,
+        positions in it, window starts, watermark at arrival), or None."""
         metric = rt.metric
-        if rt.mask is None:
-            rows = np.arange(table.num_rows)
-        else:
-            key = f"mask:{rt.scope}"
-            if key not in cache:
-                selected = rt.mask(table)
-                cache[key] = (selected, np.flatnonzero(selected))
-            rows = cache[key][1]
-            if rows.size == 0:
-                return None
+        selection = selections.get(rt.scope)
+        if selection is None:
+            rows = None if rt.mask is None else np.flatnonzero(rt.mask(batch.table))
+            selection = selections[rt.scope] = _Selection(batch.table, rows)
+        if selection.size == 0:
+            return None
+        rows = selection.rows
         size, slide = metric.window_ms, metric.slide_ms
         lateness = metric.allowed_lateness_ms
-        watermark_before = np.maximum(
-            combined_before[rows] - metric.out_of_orderness_ms, rt.watermark
-        )
-        last_start = ts[rows] // slide * slide
+        before = combined_before if rows is None else combined_before[rows]
+        watermark_before = np.maximum(before - metric.out_of_orderness_ms, rt.watermark)
+        ts = batch.ts if rows is None else batch.ts[rows]
+        last_start = ts // slide * slide
         per_event = size // slide
+        positions: np.ndarray | None = None
         if per_event > 1:
             starts = np.repeat(last_start, per_event) - np.tile(
-                np.arange(per_event) * slide, len(rows)
+                np.arange(per_event) * slide, selection.size
             )
-            rows = np.repeat(rows, per_event)
+            positions = np.repeat(np.arange(selection.size), per_event)
             watermark_before = np.repeat(watermark_before, per_event)
         else:
             starts = last_start
-        late = starts + size + lateness <= watermark_before
+        late = starts + (size + lateness) <= watermark_before
         result = None
         if late.any():
-            result = (rows[late], starts[late], watermark_before[late])
-            on_time = ~late
-            rows, starts = rows[on_time], starts[on_time]
-        if rows.size:
-            self._aggregate(rt, table, rows, starts, cache, late=False)
+            late_at = np.flatnonzero(late)
+            on_time = np.flatnonzero(~late)
+            late_positions = late_at if positions is None else positions[late_at]
+            result = (selection, late_positions, starts[late_at], watermark_before[late_at])
+            positions = on_time if positions is None else positions[on_time]
+            starts = starts[on_time]
+        if len(starts):
+            self._aggregate(rt, selection, positions, starts, late=False)
         return result
 
     def _late(
         self,
         rt: _MetricRuntime,
-        table: pa.Table,
-        partition_of: np.ndarray,
-        offset_of: np.ndarray,
+        batch: _Batch,
         rows: np.ndarray,
         starts: np.ndarray,
         watermarks: np.ndarray,
@@ -366,14 +358,15 @@ class WindowEngine:
     ) -> None:
         """Side-output records; a Python loop over late events only (rare)."""
         metric = rt.metric
-        columns = {
-            name: _take_pylist(table.column(name), rows)
-            for name in ("event_id", "event_type", "distinct_id", "ts", "received_at")
-        }
+        columns = batch.take_pylist(
+            rows, ("event_id", "event_type", "distinct_id", "ts", "received_at")
+        )
+        partitions, offsets = batch.locate(rows)
+        suffix_needed = metric.slide_ms != metric.window_ms
         for i in range(len(rows)):
             start = int(starts[i])
             event_id = columns["event_id"][i] or ""
-            suffix = "" if metric.slide_ms == metric.window_ms else f"|{start}"
+            suffix = f"|{start}" if suffix_needed else ""
             step.late.append(
                 LateEvent(
                     id=f"{event_id}|{metric.name}{suffix}",
@@ -386,81 +379,47 @@ class WindowEngine:
                     window_start=start,
                     window_end=start + metric.window_ms,
                     watermark=int(watermarks[i]),
-                    partition=int(partition_of[rows[i]]),
-                    offset=int(offset_of[rows[i]]),
+                    partition=partitions[i],
+                    offset=offsets[i],
                     window_held=bool(held[i]),
                 )
             )
 
-    def _ranked(
-        self, rt: _MetricRuntime, table: pa.Table, column: str, cache: dict[str, Any]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per row: the rank of its value's hash among the distinct values of
-        the rows ``rt``'s filter selects; and those hashes in ascending
-        order. Each distinct value is hashed once (dictionary-encode, hash
-        the dictionary)."""
-        key = f"rank:{rt.scope}:{column}"
-        if key not in cache:
-            codes, dictionary = self._codes(rt, table, column, cache)
-            hashes = hash_strings(dictionary)
-            order = np.argsort(hashes)
-            rank = np.empty(len(order), dtype=np.int64)
-            rank[order] = np.arange(len(order), dtype=np.int64)
-            cache[key] = (rank[codes], hashes[order])
-        ranked: tuple[np.ndarray, np.ndarray] = cache[key]
-        return ranked
-
-    def _codes(
-        self, rt: _MetricRuntime, table: pa.Table, column: str, cache: dict[str, Any]
-    ) -> tuple[np.ndarray, pa.Array]:
-        """Dictionary codes of ``column`` per row of ``table`` (meaningful
-        only for the rows ``rt``'s filter selects: a filtered metric encodes
-        just those) and the dictionary."""
-        key = f"dict:{rt.scope}:{column}"
-        if key not in cache:
-            values = table.column(column)
-            selected = cache.get(f"mask:{rt.scope}")
-            if selected is not None:
-                values = values.filter(pa.array(selected[0]))
-            values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
-            if values.null_count:
-                values = pc.fill_null(values, "")
-            encoded = pc.dictionary_encode(values)
-            codes = encoded.indices.to_numpy().astype(np.int64)
-            if selected is not None:
-                scattered = np.zeros(table.num_rows, dtype=np.int64)
-                scattered[selected[1]] = codes
-                codes = scattered
-            cache[key] = (codes, encoded.dictionary)
-        codes, dictionary = cache[key]
-        return codes, dictionary
-
     def _aggregate(
         self,
         rt: _MetricRuntime,
-        table: pa.Table,
-        rows: np.ndarray,
+        selection: _Selection,
+        positions: np.ndarray | None,
         starts: np.ndarray,
-        cache: dict[str, Any],
         *,
         late: bool,
     ) -> None:
+        """Fold the events at ``positions`` of ``selection`` (None: all of
+        them, in order), each into the window starting at ``starts[i]``,
+        into the held groups."""
         metric = rt.metric
-        n = len(rows)
-        base = int(starts.min())
-        code = (starts - base) // metric.slide_ms
+        n = len(starts)
+        window = starts // metric.slide_ms
+        base = int(window.min())
+        code = window - base if base else window
         space = int(code.max()) + 1
-        dim_codes: list[tuple[np.ndarray, pa.Array]] = []
+        # The group key is a mixed-radix number (window, dim 1, dim 2, ...):
+        # decodable, so a group's window and values need no lookup of a
+        # member row, unless the key space had to be compacted.
+        decodable = True
+        dim_codes: list[tuple[np.ndarray, pa.Array, int]] = []
         for dimension in metric.dimensions:
-            codes, dictionary = self._codes(rt, table, dimension, cache)
-            picked = codes[rows]
-            dim_codes.append((picked, dictionary))
+            codes, dictionary = selection.codes(dimension)
+            picked = codes if positions is None else codes[positions]
             width = max(len(dictionary), 1)
+            dim_codes.append((picked, dictionary, width))
             if space * width > _DENSE_LIMIT:
                 _, code = np.unique(code, return_inverse=True)
                 space = int(code.max()) + 1
+                decodable = False
             code = code * width + picked
             space *= width
+        first: np.ndarray | None = None
         if space <= _DENSE_LIMIT:
             counts_all = np.bincount(code, minlength=space)
             present = np.flatnonzero(counts_all)
@@ -469,14 +428,27 @@ class WindowEngine:
             group_ids = lookup[code]
             counts = counts_all[present]
         else:
-            _, group_ids, counts = np.unique(code, return_inverse=True, return_counts=True)
+            present, first, group_ids, counts = np.unique(
+                code, return_index=True, return_inverse=True, return_counts=True
+            )
+            decodable = False
         groups = len(counts)
-        first = np.full(groups, n, dtype=np.int64)
-        np.minimum.at(first, group_ids, np.arange(n))
-        group_starts = starts[first].tolist()
-        group_dims = [
-            dictionary.take(pa.array(picked[first])).to_pylist() for picked, dictionary in dim_codes
-        ]
+        group_dims: list[list[Any]] = []
+        if decodable:
+            rest = present
+            for _, dictionary, width in reversed(dim_codes):
+                rest, value_code = np.divmod(rest, width)
+                group_dims.insert(0, dictionary.take(pa.array(value_code)).to_pylist())
+            group_starts = ((rest + base) * metric.slide_ms).tolist()
+        else:
+            if first is None:
+                first = np.full(groups, n, dtype=np.int64)
+                np.minimum.at(first, group_ids, np.arange(n))
+            group_starts = starts[first].tolist()
+            group_dims = [
+                dictionary.take(pa.array(picked[first])).to_pylist()
+                for picked, dictionary, _ in dim_codes
+            ]
         keys = [(group_starts[g], tuple(str(d[g]) for d in group_dims)) for g in range(groups)]
         partials: list[Any] = []
         for aggregation in metric.aggregations:
@@ -484,13 +456,14 @@ class WindowEngine:
             if function == "count":
                 partials.append(None)
                 continue
-            if function == "uniq":
-                assert aggregation.column is not None
-                ranks, sorted_hashes = self._ranked(rt, table, aggregation.column, cache)
-                partials.append((ranks[rows], sorted_hashes))
-                continue
             assert aggregation.column is not None
-            values = table.column(aggregation.column).to_numpy().astype(np.float64)[rows]
+            if function == "uniq":
+                codes, hashes = selection.hashed(aggregation.column)
+                partials.append((codes if positions is None else codes[positions], hashes))
+                continue
+            values = selection.numbers(aggregation.column)
+            if positions is not None:
+                values = values[positions]
             if function in ("sum", "avg"):
                 partials.append(np.bincount(group_ids, weights=values, minlength=groups))
             elif function == "min":
@@ -569,40 +542,38 @@ class WindowEngine:
         states: list[GroupState | None],
         index: int,
         group_ids: np.ndarray,
-        ranks: np.ndarray,
-        sorted_hashes: np.ndarray,
+        codes: np.ndarray,
+        hashes: np.ndarray,
     ) -> None:
         """Exact groups get their batch's distinct hashes (so a sketch is a
         function of its set of values, whatever the batching); groups already
         in HLL mode get register maxima.
 
-        One sort of small integers: ``group * distinct + rank`` orders the
-        distinct (group, value) pairs by group, then by hash."""
-        width = max(len(sorted_hashes), 1)
-        keys = np.sort(group_ids * width + ranks)
-        fresh = np.ones(len(keys), dtype=bool)
-        fresh[1:] = keys[1:] != keys[:-1]
+        One sort of small integers, ``group * distinct + code``, yields the
+        distinct (group, value) pairs grouped by group; each distinct value
+        was hashed once (``hashes`` is by dictionary code)."""
+        width = max(len(hashes), 1)
+        keys = np.sort(group_ids * width + codes)
+        if not len(keys):
+            return
+        fresh = np.empty(len(keys), dtype=bool)
+        fresh[0] = True
+        np.not_equal(keys[1:], keys[:-1], out=fresh[1:])
         keys = keys[fresh]
-        g_sorted = keys // width
-        h_sorted = sorted_hashes[keys - g_sorted * width]
-        # Distinct values whose 64-bit hashes collide count once, as a set
-        # of hashes would.
-        keep = np.ones(len(keys), dtype=bool)
-        keep[1:] = (g_sorted[1:] != g_sorted[:-1]) | (h_sorted[1:] != h_sorted[:-1])
-        if not keep.all():
-            g_sorted, h_sorted = g_sorted[keep], h_sorted[keep]
-        bounds = np.flatnonzero(g_sorted[1:] != g_sorted[:-1]) + 1
-        starts = np.concatenate([[0], bounds]).tolist()
-        ends = np.concatenate([bounds, [len(g_sorted)]]).tolist()
+        group_of = keys // width
+        group_hashes = hashes[keys - group_of * width]
+        bounds = np.flatnonzero(group_of[1:] != group_of[:-1]) + 1
+        starts = [0, *bounds.tolist()]
+        ends = [*bounds.tolist(), len(keys)]
         for a, b in zip(starts, ends, strict=True):
-            state = states[int(g_sorted[a])]
+            state = states[int(group_of[a])]
             if state is None:
                 continue
             sketch = state.values[index]
             if sketch.registers is None:
-                sketch.add_hashes(h_sorted[a:b])
+                sketch.add_hashes(group_hashes[a:b])
             else:
-                register, rank = hll_positions(h_sorted[a:b])
+                register, rank = hll_positions(group_hashes[a:b])
                 np.maximum.at(sketch.registers, register, rank)
 
     # -- time -----------------------------------------------------------------------------
@@ -782,21 +753,110 @@ class WindowEngine:
         self.mark_all_dirty()
 
 
-def _take_pylist(column: pa.ChunkedArray, rows: np.ndarray) -> list[Any]:
-    """``column.take(rows).to_pylist()`` chunk by chunk: a take across
-    chunks would first concatenate the whole column."""
-    if column.num_chunks == 1:
-        return column.chunk(0).take(pa.array(rows)).to_pylist()
-    ends = np.cumsum([len(chunk) for chunk in column.chunks])
-    chunk_of = np.searchsorted(ends, rows, side="right")
-    out: list[Any] = [None] * len(rows)
-    for index in np.unique(chunk_of).tolist():
-        where = np.flatnonzero(chunk_of == index)
-        local = rows[where] - (ends[index - 1] if index else 0)
-        values = column.chunk(index).take(pa.array(local)).to_pylist()
-        for position, value in zip(where.tolist(), values, strict=True):
-            out[position] = value
-    return out
+class _Batch:
+    """The concatenated runs of one ``process_many`` call."""
+
+    __slots__ = ("runs", "table", "ts", "bounds")
+
+    def __init__(
+        self, runs: Sequence[tuple[int, pa.Table, int]], table: pa.Table, ts: np.ndarray
+    ) -> None:
+        self.runs = runs
+        self.table = table
+        self.ts = ts
+        # Row where each run starts, and the end.
+        self.bounds = np.concatenate([[0], np.cumsum([r[1].num_rows for r in runs])])
+
+    def _run_of(self, rows: np.ndarray) -> np.ndarray:
+        run_of: np.ndarray = np.searchsorted(self.bounds, rows, side="right") - 1
+        return run_of
+
+    def locate(self, rows: np.ndarray) -> tuple[list[int], list[int]]:
+        """Partition and log offset of each row. A run whose records were
+        filtered carries their offsets in an ``_offset`` column; else they
+        are consecutive from its first offset."""
+        run_of = self._run_of(rows)
+        partitions: list[int] = []
+        offsets: list[int] = []
+        for row, run in zip(rows.tolist(), run_of.tolist(), strict=True):
+            partition, table, first_offset = self.runs[run]
+            local = row - int(self.bounds[run])
+            partitions.append(partition)
+            if "_offset" in table.column_names:
+                offsets.append(int(table.column("_offset")[local].as_py()))
+            else:
+                offsets.append(first_offset + local)
+        return partitions, offsets
+
+    def take_pylist(self, rows: np.ndarray, columns: Sequence[str]) -> dict[str, list[Any]]:
+        """``columns`` at ``rows`` as Python lists, one take per run: a take
+        across chunks would first concatenate the whole columns."""
+        out: dict[str, list[Any]] = {name: [None] * len(rows) for name in columns}
+        if not len(rows):
+            return out
+        run_of = self._run_of(rows)
+        order = np.argsort(run_of, kind="stable")
+        edges = np.flatnonzero(np.diff(run_of[order])) + 1
+        selected = self.table.select(list(columns))
+        for part in np.split(order, edges):
+            run = int(run_of[part[0]])
+            low, high = int(self.bounds[run]), int(self.bounds[run + 1])
+            piece = selected.slice(low, high - low).take(pa.array(rows[part] - low))
+            places = part.tolist()
+            for name in columns:
+                target = out[name]
+                for place, value in zip(places, piece.column(name).to_pylist(), strict=True):
+                    target[place] = value
+        return out
+
+
+class _Selection:
+    """The rows of one batch that a metric's filter selects, and encodings
+    of their columns, computed on first use and shared by the metrics with
+    the same filter. Everything is indexed by *position* in the selection,
+    so unselected rows are never touched again."""
+
+    __slots__ = ("table", "rows", "size", "_codes", "_hashes", "_numbers")
+
+    def __init__(self, table: pa.Table, rows: np.ndarray | None) -> None:
+        self.table = table
+        self.rows = rows  # the table row of each position; None: all rows
+        self.size = table.num_rows if rows is None else len(rows)
+        self._codes: dict[str, tuple[np.ndarray, pa.Array]] = {}
+        self._hashes: dict[str, np.ndarray] = {}
+        self._numbers: dict[str, np.ndarray] = {}
+
+    def table_rows(self, positions: np.ndarray) -> np.ndarray:
+        return positions if self.rows is None else self.rows[positions]
+
+    def codes(self, column: str) -> tuple[np.ndarray, pa.Array]:
+        """Dictionary code of ``column`` per position, and the dictionary
+        (nulls encode as '')."""
+        if column not in self._codes:
+            values = self.table.column(column)
+            if self.rows is not None:
+                values = values.take(self.rows)
+            values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+            if values.null_count:
+                values = pc.fill_null(values, "")
+            encoded = pc.dictionary_encode(values)
+            codes = encoded.indices.to_numpy().astype(np.int64)
+            self._codes[column] = (codes, encoded.dictionary)
+        return self._codes[column]
+
+    def hashed(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per position the dictionary code of ``column``, and the 64-bit
+        hash of each dictionary value: each distinct value is hashed once."""
+        if column not in self._hashes:
+            codes, dictionary = self.codes(column)
+            self._hashes[column] = hash_strings(dictionary)
+        return self._codes[column][0], self._hashes[column]
+
+    def numbers(self, column: str) -> np.ndarray:
+        if column not in self._numbers:
+            values = self.table.column(column).to_numpy().astype(np.float64)
+            self._numbers[column] = values if self.rows is None else values[self.rows]
+        return self._numbers[column]
 
 
 def _definition(metric: Metric) -> str:

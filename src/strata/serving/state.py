@@ -142,27 +142,30 @@ class UniqSketch:
         self.exact = np.empty(0, dtype=np.uint64) if exact is None and registers is None else exact
         self.registers = registers
 
-    def add_hashes(self, unique_hashes: np.ndarray) -> None:
-        """Add already-deduplicated, sorted hashes."""
+    def add_hashes(self, hashes: np.ndarray) -> None:
+        """Add 64-bit hashes (any order, duplicates allowed)."""
         if self.registers is None:
             assert self.exact is not None
             exact = self.exact
-            if len(exact):
-                # Both sides are sorted and unique: insert only the new ones.
-                position = np.searchsorted(exact, unique_hashes)
-                found = exact[np.minimum(position, len(exact) - 1)] == unique_hashes
-                if found.all():
-                    return
-                fresh = ~found
-                merged = np.insert(exact, position[fresh], unique_hashes[fresh])
-            else:
-                merged = unique_hashes.astype(np.uint64, copy=True)
+            # One sort of the short concatenation; the exact set stays
+            # sorted and unique, so its bytes are a function of the set.
+            merged = np.concatenate((exact, hashes)) if len(exact) else hashes.astype(np.uint64)
+            merged.sort()
+            if len(merged) > 1:
+                fresh = np.empty(len(merged), dtype=bool)
+                fresh[0] = True
+                np.not_equal(merged[1:], merged[:-1], out=fresh[1:])
+                distinct = int(np.count_nonzero(fresh))
+                if distinct == len(exact):
+                    return  # nothing new
+                if distinct != len(merged):
+                    merged = merged[fresh]
             if len(merged) <= EXACT_LIMIT:
                 self.exact = merged
                 return
             self._to_hll(merged)
             return
-        index, rank = hll_positions(unique_hashes)
+        index, rank = hll_positions(hashes)
         np.maximum.at(self.registers, index, rank)
 
     def add_registers(self, registers: np.ndarray) -> None:
