@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # Order: cheap, self-contained parts first.
-PARTS = ["log", "stream", "schemas", "ingest", "loader", "freshness", "backfill", "rollup_parts",
-         "query"]
+PARTS = ["log", "stream", "schemas", "ingest", "loader", "dedup", "freshness", "backfill",
+         "rollup_parts", "query"]
 
 # Arguments that make each part finish in a few seconds (smoke test, `--tiny`).
 TINY: dict[str, list[str]] = {
@@ -35,6 +35,7 @@ TINY: dict[str, list[str]] = {
     "ingest": ["--seconds", "1", "--runs", "1", "--batch", "50", "--connections", "2",
                "--workers", "1"],
     "loader": ["--events", "20000", "--runs", "1"],
+    "dedup": ["--minutes", "0.2", "--rate", "2000", "--runs", "1"],
     "freshness": ["--rate", "500", "--seconds", "3", "--memory-seconds", "0"],
     "backfill": ["--events", "20000", "--days", "2"],
     "rollup_parts": ["--events", "20000", "--days", "40", "--runs", "2"],

@@ -37,8 +37,8 @@ def test_tiny_suite_runs_without_writing_docs() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = result.stdout[result.stdout.index("| part | status |"):]
-    for part in ("log", "stream", "schemas", "ingest", "loader", "freshness", "backfill",
-                 "rollup_parts", "query"):
+    for part in ("log", "stream", "schemas", "ingest", "loader", "dedup", "freshness",
+                 "backfill", "rollup_parts", "query"):
         assert f"| {part} | ok |" in summary
     assert "ack -> visible" in result.stdout  # freshness table
     assert "loader / baseline" in result.stdout  # loader table

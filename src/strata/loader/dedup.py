@@ -432,18 +432,23 @@ class DedupIndex:
         keep = np.zeros(len(hashes), dtype=bool)
         if len(hashes) == 0:
             return keep
-        _, first_index = np.unique(hashes, return_index=True)
-        keep[first_index] = True
+        # Lookups of the distinct hashes in sorted order: binary searches
+        # of sorted needles walk each chunk forward (cache-friendly).
+        distinct, first_index = np.unique(hashes, return_index=True)
         state = self._partitions.get(partition)
         if state is None:
+            keep[first_index] = True
             return keep
+        unseen = np.ones(len(distinct), dtype=bool)
         for slot in state.hot.values():
             for chunk in slot.chunks:
-                keep &= ~_contains(chunk, hashes)
+                unseen &= ~_contains(chunk, distinct)
         for _, _, values in state.legacy:
-            keep &= ~_contains(values, hashes)
+            unseen &= ~_contains(values, distinct)
         if state.cold:
-            self._check_cold(state, hashes, np.asarray(event_ms, dtype=np.int64), keep)
+            event = np.asarray(event_ms, dtype=np.int64)[first_index]
+            self._check_cold(state, distinct, event, unseen)
+        keep[first_index[unseen]] = True
         return keep
 
     def _check_cold(
