@@ -15,6 +15,7 @@ from starlette.testclient import TestClient
 from tests.fixtures_lake import config_for, make_events, produce
 
 from strata.events import EventRecord
+from strata.query import sandbox
 from strata.query.api import CoreAPI, core_routes
 from strata.query.day_answers import DayFinalizer, day_of
 from strata.server.pipeline import Pipeline
@@ -98,6 +99,16 @@ class Env:
         self.pipeline.stop()
 
 
+def dau_sql(start: int, end: int) -> str:
+    def literal(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    return (
+        f"SELECT toDate(ts) AS day, uniq(distinct_id) AS users FROM events WHERE "
+        f"ts >= '{literal(start)}' AND ts < '{literal(end)}' GROUP BY day ORDER BY day"
+    )
+
+
 def reference(events: list[EventRecord]) -> dict[date, int]:
     users: dict[date, set[str]] = defaultdict(set)
     for event in events:
@@ -139,14 +150,22 @@ def test_finalized_days_exact_gated_by_loader_revised_and_backfilled(tmp_path: P
     assert {r["day"]: r["users"] for r in body["rows"]} == {d.isoformat(): ref[d] for d in days}
     assert body["revised"] is False
     assert body["answered_until"] == iso(base + 3 * DAY_MS)
-    # The same numbers as the SQL router's rollup route.
-    sql = env.pipeline.query.sql(
-        "admin",
-        f"SELECT toDate(ts) AS day, uniq(distinct_id) AS users FROM events WHERE "
-        f"ts >= '{iso(base)[:-1].replace('T', ' ')}' "
-        f"AND ts < '{iso(base + 3 * DAY_MS)[:-1].replace('T', ' ')}' GROUP BY day ORDER BY day",
+    # The same numbers as the SQL router's rollup route, and SQL asking
+    # exactly that over finalized days reads the table (it says so).
+    service = env.pipeline.query
+    rollup_route = service.router.route(sandbox.check(dau_sql(base, base + 3 * DAY_MS)))
+    assert rollup_route.served_from == "rollup_1d"
+    _, rollup_rows = env.pipeline.store.query_rows(rollup_route.sql)
+    assert {row[0]: int(row[1]) for row in rollup_rows} == {d: table[d][0] for d in days}
+    routed = service.sql("admin", dau_sql(base, base + 3 * DAY_MS))
+    assert routed.meta["served_from"] == "day_answers"
+    assert routed.columns == ["day", "users"] and routed.rows == rollup_rows
+    _, explained = service.plan(dau_sql(base, base + 3 * DAY_MS))
+    assert explained.served_from == "day_answers" and "day_answers" in explained.sql
+    # Past the frontier: the rollup route.
+    assert service.sql("admin", dau_sql(base, base + 4 * DAY_MS)).meta["served_from"] != (
+        "day_answers"
     )
-    assert {row[0]: int(row[1]) for row in sql.rows} == {d: table[d][0] for d in days}
 
     # Day 4 is in the log but not loaded: the watermark passing its end is
     # not enough.
@@ -168,6 +187,7 @@ def test_finalized_days_exact_gated_by_loader_revised_and_backfilled(tmp_path: P
     env.pipeline.on_revised(base + DAY_MS + 1000, base + DAY_MS + 300_000)
     env.step()
     assert env.table()[days[1]][1] == 1  # tombstoned, not recomputed
+    assert service.day_answer_route(rollup_route) is None  # a stale day in the range
     env.load()
     body = env.dau(base, base + 4 * DAY_MS)
     after = reference([*events, *late])

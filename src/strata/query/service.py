@@ -26,6 +26,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlglot import exp
+
 from strata.config import Config, parse_duration_ms
 from strata.query import sandbox
 from strata.query.cache import ResultCache, fingerprint, open_cache
@@ -34,6 +36,7 @@ from strata.query.limits import QueryLimits, open_limits
 from strata.query.live import LiveMerger, LivePlan
 from strata.query.results import QueryResult
 from strata.query.router import DAY_MS, Route, Router, TimeRange, find_time_range
+from strata.store.ddl import named_statements
 from strata.telemetry import REGISTRY
 
 log = logging.getLogger("strata.query")
@@ -46,6 +49,8 @@ LIVE_WINDOWS_NOTE = (
 )
 
 
+DAY_ANSWERS_NOTE = "not merged: every day of the range is complete (day_answers)"
+DAY_ANSWERS_SQL = named_statements("day_answers.sql")
 PLAN_CACHE_S = 30.0
 PLAN_CACHE_MAX = 1024
 
@@ -327,9 +332,7 @@ class QueryService:
         itself is not a cache), and the completeness of the whole range."""
         started = time.perf_counter()
         first, until = day_of(start_ms), day_of(end_ms - 1) + timedelta(days=1)
-        frontier, answers = self.day_answers.read(
-            target.metric.name, target.alias, first, until
-        )
+        frontier, answers = self.day_answers.read(target.metric.name, target.alias, first, until)
         if frontier is None or frontier <= first:
             return None
         answered_until = min(frontier, until)
@@ -394,6 +397,9 @@ class QueryService:
         sandbox.SQLRejected."""
         tree = sandbox.check(text)
         route = self.router.route(tree)
+        answered = self.day_answer_route(route)
+        if answered is not None:
+            return tree, dataclasses.replace(answered, live={"note": DAY_ANSWERS_NOTE})
         live = self.live.plan(route, self._query_rows)
         if live is None:
             return tree, dataclasses.replace(route, live={"note": LIVE_WINDOWS_NOTE})
@@ -455,11 +461,94 @@ class QueryService:
                     self._plans.popitem(last=False)
         return route, normalized
 
+    def day_answer_route(self, route: Route) -> Route | None:
+        """``route`` answered from ``day_answers`` instead of merging states
+        (decision 096), or None. Only for a rollup_1d route of the shape
+        ``SELECT toDate(ts) AS d, uniq(col) AS n ... GROUP BY d [ORDER BY]``
+        with no dimension filter, no LIMIT/OFFSET, a day-aligned range that
+        ends at or before the finalized frontier and no stale day in it:
+        then every row equals the rollup route's (the table holds
+        uniqCombinedMerge of the same states). Costs one small query."""
+        shape = route.shape
+        if (
+            route.served_from != "rollup_1d"
+            or shape is None
+            or shape.unsupported
+            or shape.filters
+            or shape.limit is not None
+            or shape.offset
+            or shape.start_ms is None
+            or shape.end_ms is None
+            or shape.start_ms % DAY_MS
+            or shape.end_ms % DAY_MS
+            or len(shape.group) != 1
+            or len(shape.projections) != 2
+            or shape.group[0].sql(dialect="clickhouse") != "toDate(ts)"
+            or not self.day_answers.targets
+        ):
+            return None
+        columns: list[str] = []
+        aggregation = None
+        for name, index, expression in shape.projections:
+            quoted = exp.to_identifier(name, quoted=True).sql(dialect="clickhouse")
+            if index is not None:
+                aggregation = shape.metric.aggregations[index]
+                columns.append(f"value AS {quoted}")
+            elif expression is not None and expression.sql(dialect="clickhouse") == "toDate(ts)":
+                columns.append(f"day AS {quoted}")
+            else:
+                return None
+        if aggregation is None or aggregation.function != "uniq":
+            return None
+        if (shape.metric.name, aggregation.alias) not in self.day_answers.by_key:
+            return None
+        first, until = day_of(shape.start_ms), day_of(shape.end_ms)
+        frontier, answers = self.day_answers.read(
+            shape.metric.name, aggregation.alias, first, until
+        )
+        if frontier is None or until > frontier or any(v is None for v in answers.values()):
+            return None
+        order = ", ".join(
+            f"{i + 1}{' DESC' if descending else ''}" for i, descending in shape.order
+        )
+        sql = DAY_ANSWERS_SQL["routed"].format(
+            columns=", ".join(columns),
+            metric=shape.metric.name,
+            aggregation=aggregation.alias,
+            first=first.isoformat(),
+            until=until.isoformat(),
+            order=order or "1",
+        )
+        return dataclasses.replace(
+            route,
+            served_from="day_answers",
+            reason=(
+                f"{route.reason}; every day is complete and finalized (day_answers up to "
+                f"{frontier.isoformat()}): read instead of merging the states"
+            ),
+            sql=sql,
+            table="day_answers",
+            shape=None,
+        )
+
     def sql(self, user: str, text: str) -> QueryResult:
         route, normalized = self._planned(text)
 
         def compute() -> QueryResult:
             started = time.perf_counter()
+            answered = self.day_answer_route(route)
+            if answered is not None:
+                result = self.run(user, answered.sql, None, heavy=False)
+                result.meta.update(
+                    {
+                        "served_from": answered.served_from,
+                        "reason": answered.reason,
+                        "metric": answered.metric,
+                        "live_windows": DAY_ANSWERS_NOTE,
+                        "live_buckets": 0,
+                    }
+                )
+                return result
             live = self.live.plan(route, self._query_rows)
             if live is not None and live.merged:
                 result = self.live.execute(live, route, self._query_rows)
@@ -494,4 +583,3 @@ class QueryService:
         self.limits.close()
         if self._own_serving is not None:
             self._own_serving.close()
-

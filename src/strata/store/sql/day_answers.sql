@@ -57,3 +57,20 @@ INNER JOIN (
     SELECT day, max(computed_at) AS computed FROM day_answers WHERE metric != '' GROUP BY day
 ) AS a ON l.day = a.day
 WHERE l.last >= a.computed - INTERVAL {margin_s:UInt32} SECOND;
+
+-- name: routed
+-- A routed SQL query's answer from the finalized days (QueryService,
+-- decision 096): {metric} and {aggregation} are configured names,
+-- {first}/{until} dates from the query's resolved range, {columns} and
+-- {order} the query's output names (quoted identifiers). Days without data
+-- have no row, as on the rollup.
+SELECT {columns}
+FROM (
+    SELECT day, argMax(value, version) AS value
+    FROM day_answers
+    WHERE metric = '{metric}' AND aggregation = '{aggregation}'
+      AND day >= toDate('{first}') AND day < toDate('{until}')
+    GROUP BY day
+)
+WHERE value > 0
+ORDER BY {order};
