@@ -329,6 +329,8 @@ class DedupIndex:
                 self._load_slot(partition, state, slot, names, now)
             for _, name in journals.get(partition, []):
                 self._load_journal(partition, state, name, now)
+                self._tails_added = TAIL_BUDGET + 1  # recount: bound memory while loading
+                self._flush_tails()
             for slot_number, slot in state.cold.items():
                 if slot.run is None:
                     self._write_run(partition, slot_number, slot)
