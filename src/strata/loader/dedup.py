@@ -250,7 +250,9 @@ class _Partition:
 
     def cold_keys(self) -> np.ndarray:
         if self._cold_keys is None:
-            self._cold_keys = np.fromiter(self.cold, dtype=np.int64, count=len(self.cold))
+            keys = np.fromiter(self.cold, dtype=np.int64, count=len(self.cold))
+            keys.sort()
+            self._cold_keys = keys
         return self._cold_keys
 
 
@@ -462,7 +464,7 @@ class DedupIndex:
         own = event_ms // SLOT_MS
         for offset in (0, -TOLERANCE_MS, TOLERANCE_MS):
             slot = own if offset == 0 else (event_ms + offset) // SLOT_MS
-            wanted = keep & np.isin(slot, cold_slots)
+            wanted = keep & _contains(cold_slots, slot)
             if offset:
                 wanted &= slot != own
             selected = np.flatnonzero(wanted)
