@@ -50,7 +50,7 @@ from strata.processor.filters import Mask, compile_filter
 from strata.serving.state import (
     UniqSketch,
     WindowState,
-    hash_strings,
+    hash_strings_at,
     hll_positions,
 )
 
@@ -458,8 +458,8 @@ class WindowEngine:
                 continue
             assert aggregation.column is not None
             if function == "uniq":
-                codes, hashes = selection.hashed(aggregation.column)
-                partials.append((codes if positions is None else codes[positions], hashes))
+                hashes = selection.hashes(aggregation.column)
+                partials.append(hashes if positions is None else hashes[positions])
                 continue
             values = selection.numbers(aggregation.column)
             if positions is not None:
@@ -521,7 +521,7 @@ class WindowEngine:
             if function == "count":
                 continue
             if function == "uniq":
-                self._merge_uniq(states, i, group_ids, *partial)
+                self._merge_uniq(states, i, group_ids, counts, partial)
                 continue
             for g, state in enumerate(states):
                 if state is None:
@@ -542,39 +542,28 @@ class WindowEngine:
         states: list[GroupState | None],
         index: int,
         group_ids: np.ndarray,
-        codes: np.ndarray,
+        counts: np.ndarray,
         hashes: np.ndarray,
     ) -> None:
-        """Exact groups get their batch's distinct hashes (so a sketch is a
-        function of its set of values, whatever the batching); groups already
-        in HLL mode get register maxima.
+        """Exact groups get their batch's hashes (deduplicated in the sketch,
+        so a sketch is a function of its set of values, whatever the
+        batching); groups already in HLL mode get register maxima.
 
-        One sort of small integers, ``group * distinct + code``, yields the
-        distinct (group, value) pairs grouped by group; each distinct value
-        was hashed once (``hashes`` is by dictionary code)."""
-        width = max(len(hashes), 1)
-        keys = np.sort(group_ids * width + codes)
-        if not len(keys):
-            return
-        fresh = np.empty(len(keys), dtype=bool)
-        fresh[0] = True
-        np.not_equal(keys[1:], keys[:-1], out=fresh[1:])
-        keys = keys[fresh]
-        group_of = keys // width
-        group_hashes = hashes[keys - group_of * width]
-        bounds = np.flatnonzero(group_of[1:] != group_of[:-1]) + 1
-        starts = [0, *bounds.tolist()]
-        ends = [*bounds.tolist(), len(keys)]
-        for a, b in zip(starts, ends, strict=True):
-            state = states[int(group_of[a])]
-            if state is None:
-                continue
-            sketch = state.values[index]
-            if sketch.registers is None:
-                sketch.add_hashes(group_hashes[a:b])
-            else:
-                register, rank = hll_positions(group_hashes[a:b])
-                np.maximum.at(sketch.registers, register, rank)
+        Group ids are dense and small: a stable radix sort of them (16-bit
+        keys) lays each group's hashes out contiguously."""
+        keys = group_ids.astype(np.int16) if len(states) < 2**15 else group_ids
+        grouped = hashes[np.argsort(keys, kind="stable")]
+        ends = np.cumsum(counts).tolist()
+        start = 0
+        for state, end in zip(states, ends, strict=True):
+            if state is not None:
+                sketch = state.values[index]
+                if sketch.registers is None:
+                    sketch.add_hashes(grouped[start:end])
+                else:
+                    register, rank = hll_positions(grouped[start:end])
+                    np.maximum.at(sketch.registers, register, rank)
+            start = end
 
     # -- time -----------------------------------------------------------------------------
     def advance(self, now_ms: int) -> Step:
@@ -776,38 +765,40 @@ class _Batch:
         filtered carries their offsets in an ``_offset`` column; else they
         are consecutive from its first offset."""
         run_of = self._run_of(rows)
-        partitions: list[int] = []
-        offsets: list[int] = []
-        for row, run in zip(rows.tolist(), run_of.tolist(), strict=True):
-            partition, table, first_offset = self.runs[run]
-            local = row - int(self.bounds[run])
-            partitions.append(partition)
+        local = rows - self.bounds[run_of]
+        partitions = np.array([r[0] for r in self.runs], dtype=np.int64)[run_of]
+        offsets = np.array([r[2] for r in self.runs], dtype=np.int64)[run_of] + local
+        for run, (_, table, _) in enumerate(self.runs):
             if "_offset" in table.column_names:
-                offsets.append(int(table.column("_offset")[local].as_py()))
-            else:
-                offsets.append(first_offset + local)
-        return partitions, offsets
+                where = np.flatnonzero(run_of == run)
+                if len(where):
+                    column = table.column("_offset").take(pa.array(local[where]))
+                    offsets[where] = column.to_numpy().astype(np.int64)
+        return partitions.tolist(), offsets.tolist()
 
     def take_pylist(self, rows: np.ndarray, columns: Sequence[str]) -> dict[str, list[Any]]:
         """``columns`` at ``rows`` as Python lists, one take per run: a take
         across chunks would first concatenate the whole columns."""
-        out: dict[str, list[Any]] = {name: [None] * len(rows) for name in columns}
         if not len(rows):
-            return out
+            return {name: [] for name in columns}
         run_of = self._run_of(rows)
         order = np.argsort(run_of, kind="stable")
-        edges = np.flatnonzero(np.diff(run_of[order])) + 1
+        sorted_runs = run_of[order]
+        edges = (np.flatnonzero(sorted_runs[1:] != sorted_runs[:-1]) + 1).tolist()
         selected = self.table.select(list(columns))
-        for part in np.split(order, edges):
-            run = int(run_of[part[0]])
+        pieces = []
+        for a, b in zip([0, *edges], [*edges, len(rows)], strict=True):
+            run = int(sorted_runs[a])
             low, high = int(self.bounds[run]), int(self.bounds[run + 1])
-            piece = selected.slice(low, high - low).take(pa.array(rows[part] - low))
-            places = part.tolist()
-            for name in columns:
-                target = out[name]
-                for place, value in zip(places, piece.column(name).to_pylist(), strict=True):
-                    target[place] = value
-        return out
+            part = order[a:b]
+            pieces.append(selected.slice(low, high - low).take(pa.array(rows[part] - low)))
+        values = pa.concat_tables(pieces).to_pydict()
+        if np.all(order[1:] > order[:-1]):
+            return values
+        inverse = np.empty(len(order), dtype=np.int64)
+        inverse[order] = np.arange(len(order))
+        places = inverse.tolist()
+        return {name: [column[i] for i in places] for name, column in values.items()}
 
 
 class _Selection:
@@ -844,13 +835,11 @@ class _Selection:
             self._codes[column] = (codes, encoded.dictionary)
         return self._codes[column]
 
-    def hashed(self, column: str) -> tuple[np.ndarray, np.ndarray]:
-        """Per position the dictionary code of ``column``, and the 64-bit
-        hash of each dictionary value: each distinct value is hashed once."""
+    def hashes(self, column: str) -> np.ndarray:
+        """The 64-bit hash (``hash_strings``) of ``column`` per position."""
         if column not in self._hashes:
-            codes, dictionary = self.codes(column)
-            self._hashes[column] = hash_strings(dictionary)
-        return self._codes[column][0], self._hashes[column]
+            self._hashes[column] = hash_strings_at(self.table.column(column), self.rows)
+        return self._hashes[column]
 
     def numbers(self, column: str) -> np.ndarray:
         if column not in self._numbers:

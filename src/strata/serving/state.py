@@ -86,6 +86,97 @@ def hash_strings(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return _fmix64(h)
 
 
+def hash_strings_at(column: pa.Array | pa.ChunkedArray, rows: np.ndarray | None) -> np.ndarray:
+    """``hash_strings(column.take(rows))`` (``rows`` ascending; None: all
+    rows), without copying the strings out first.
+
+    A chunk whose values all have the same byte length (ids, UUIDs, codes)
+    is hashed as a matrix of 8-byte words gathered row by row, which costs
+    a few numpy passes per word and no per-value offsets; other chunks take
+    the general path. The hashes are the same either way."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    sizes = [len(chunk) for chunk in chunks]
+    if rows is None:
+        rows = np.arange(sum(sizes), dtype=np.int64)
+    out = np.empty(len(rows), dtype=np.uint64)
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    cuts = np.searchsorted(rows, bounds).tolist()
+    # Fixed-width chunks of the same width share one matrix and one pass.
+    by_width: dict[int, list[tuple[int, int, np.ndarray]]] = {}
+    for index, chunk in enumerate(chunks):
+        a, b = cuts[index], cuts[index + 1]
+        if a == b:
+            continue
+        local = rows[a:b] - bounds[index]
+        values = _fixed_width_values(chunk)
+        if values is None:
+            out[a:b] = hash_strings(chunk.take(pa.array(local)))
+        else:
+            by_width.setdefault(values.shape[1], []).append((a, b, np.take(values, local, axis=0)))
+    for width, parts in by_width.items():
+        words = -(-width // 8)
+        total = sum(b - a for a, b, _ in parts)
+        padded = np.zeros((total, words * 8), dtype=np.uint8)
+        at = 0
+        for a, b, picked in parts:
+            padded[at : at + b - a, :width] = picked
+            at += b - a
+        hashes = _hash_fixed(padded.view("<u8"), width)
+        at = 0
+        for a, b, _ in parts:
+            out[a:b] = hashes[at : at + b - a]
+            at += b - a
+    return out
+
+
+def _fixed_width_values(chunk: pa.Array) -> np.ndarray | None:
+    """The bytes of a string chunk as an (n, width) matrix, if every value
+    is non-null with the same non-zero byte length; else None."""
+    if chunk.null_count or not (pa.types.is_string(chunk.type) or pa.types.is_binary(chunk.type)):
+        return None
+    buffers = chunk.buffers()
+    if buffers[2] is None or len(chunk) == 0:
+        return None
+    offsets = np.frombuffer(buffers[1], dtype=np.int32)[
+        chunk.offset : chunk.offset + len(chunk) + 1
+    ]
+    first = int(offsets[0])
+    width = (int(offsets[-1]) - first) // len(chunk)
+    if width == 0 or not np.array_equal(
+        offsets, np.arange(first, first + width * len(chunk) + 1, width, dtype=np.int32)
+    ):
+        return None
+    data = np.frombuffer(buffers[2], dtype=np.uint8, count=width * len(chunk), offset=first)
+    return data.reshape(len(chunk), width)
+
+
+def _hash_fixed(words: np.ndarray, width: int) -> np.ndarray:
+    """``hash_strings`` of values that all have ``width`` bytes, given as
+    rows of little-endian 8-byte words zero-padded past the value (what the
+    general path's byte masks leave)."""
+    h = np.full(len(words), (width * int(_MUL1) ^ 0x243F6A8885A308D3) % 2**64, dtype=np.uint64)
+    scratch = np.empty_like(h)
+    for index in range(words.shape[1]):
+        np.bitwise_xor(h, words[:, index], out=h)
+        np.multiply(h, _MUL1, out=h)
+        np.add(h, np.uint64(8 * index + 1), out=h)
+        _fmix64_inplace(h, scratch)
+    return _fmix64_inplace(h, scratch)
+
+
+def _fmix64_inplace(h: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    shift = np.uint64(33)
+    np.right_shift(h, shift, out=scratch)
+    np.bitwise_xor(h, scratch, out=h)
+    np.multiply(h, _MUL2, out=h)
+    np.right_shift(h, shift, out=scratch)
+    np.bitwise_xor(h, scratch, out=h)
+    np.multiply(h, _MUL3, out=h)
+    np.right_shift(h, shift, out=scratch)
+    np.bitwise_xor(h, scratch, out=h)
+    return h
+
+
 def hll_positions(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Register index and rank (1 + leading zeros of the remaining bits)."""
     index = (hashes >> np.uint64(_Q)).astype(np.int64)
