@@ -85,6 +85,21 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def _records(columns: list[str], rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """Rows as JSON objects, dates and times as ISO strings (``_cell``).
+    Column-wise, each distinct time converted once: a day of 5-minute
+    buckets by country is 2,880 rows but 288 times, and per-cell
+    conversion was as slow as the store query."""
+    if not rows:
+        return []
+    values = [list(column) for column in zip(*rows, strict=True)]
+    for index, column in enumerate(values):
+        if any(isinstance(v, date) for v in column):
+            converted = {v: _cell(v) for v in set(column)}
+            values[index] = [converted[v] for v in column]
+    return [dict(zip(columns, row, strict=True)) for row in zip(*values, strict=True)]
+
+
 def _dimension(name: str, field: str) -> str:
     if name not in STRING_COLUMNS:
         raise APIError(400, f"{field}: unknown dimension {name!r}; one of {sorted(STRING_COLUMNS)}")
@@ -224,7 +239,7 @@ class MetricsAPI:
             f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}"
         )
         result = await self._routed(user, sql, start, end)
-        rows = [dict(zip(result.columns, map(_cell, row), strict=True)) for row in result.rows]
+        rows = _records(result.columns, result.rows)
         return self._response("count", result, start, end, rows, granularity=granularity)
 
     # -- active users --------------------------------------------------------------------
@@ -369,7 +384,7 @@ class MetricsAPI:
         )
         result = await self._routed(user, sql, start, end)
         names = ["revenue" if c == "revenue_total" else c for c in result.columns]
-        rows = [dict(zip(names, map(_cell, row), strict=True)) for row in result.rows]
+        rows = _records(names, result.rows)
         return self._response("revenue", result, start, end, rows, granularity=granularity)
 
     # -- top-N ---------------------------------------------------------------------------------
