@@ -61,6 +61,14 @@ class ServerConfig(_Section):
     # Ingest worker processes. 0 means "one per core, at least 1". Each serves
     # the ingest routes itself and forwards the rest to the core process.
     ingest_workers: int = 0
+    # glibc malloc of every long-running strata process (strata.allocator,
+    # decision 095): allocations at least this big are mapped on their own and
+    # returned when freed (0: glibc's sliding default, up to 32 MiB) ...
+    malloc_mmap_threshold: int = 2**20
+    # ... at most this many malloc arenas (0: glibc's default, 8 per core) ...
+    malloc_arena_max: int = 2
+    # ... and free pages are handed back this often ("0s": never).
+    malloc_trim_interval: str = "10s"
 
 
 class IngestConfig(_Section):
@@ -105,6 +113,15 @@ class StoreConfig(_Section):
     database: str = "strata"
     raw_ttl: str = "90d"
     rollup_5m_ttl: str = "35d"
+    # chDB (embedded) only: each of the engine's mark, index-mark and primary
+    # index caches holds at most this much (ClickHouse's defaults: 5 GiB each).
+    chdb_cache_bytes: int = 256 * 2**20
+    # chDB only: the engine's memory limit, max_server_memory_usage (0:
+    # ClickHouse's default, 90 % of RAM). Queries over it fail; inserts too.
+    chdb_max_memory_bytes: int = 0
+    # chDB only: more server settings, passed as engine startup options (they
+    # override the two above), e.g. {"uncompressed_cache_size" = "0"}.
+    chdb_settings: dict[str, str] = {}
 
 
 class LoaderConfig(_Section):
@@ -360,6 +377,10 @@ def validate_config(config: Config) -> None:
         ("ingest.hot_key_salt_buckets", config.ingest.hot_key_salt_buckets >= 1),
         ("loader.max_batch_events", config.loader.max_batch_events >= 1),
         ("processor.max_groups", config.processor.max_groups >= 0),
+        ("server.malloc_mmap_threshold", config.server.malloc_mmap_threshold >= 0),
+        ("server.malloc_arena_max", config.server.malloc_arena_max >= 0),
+        ("store.chdb_cache_bytes", config.store.chdb_cache_bytes >= 0),
+        ("store.chdb_max_memory_bytes", config.store.chdb_max_memory_bytes >= 0),
         ("query.rate_limit_per_minute", config.query.rate_limit_per_minute >= 1),
         ("query.rate_limit_burst", config.query.rate_limit_burst >= 1),
         ("query.max_concurrent_heavy", config.query.max_concurrent_heavy >= 1),
@@ -387,6 +408,7 @@ def validate_config(config: Config) -> None:
         ("processor.checkpoint_interval", config.processor.checkpoint_interval),
         ("processor.final_retention", config.processor.final_retention),
         ("dashboard.refresh_interval", config.dashboard.refresh_interval),
+        ("server.malloc_trim_interval", config.server.malloc_trim_interval),
     ):
         parse_duration_ms(value, field)
     if parse_duration_ms(config.loader.dedup_horizon) < 86_400_000:

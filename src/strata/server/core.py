@@ -14,6 +14,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
+from strata import allocator
 from strata.dashboard import dashboard_routes
 from strata.lake.api import lake_routes
 from strata.logs import setup_logging
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     die_with_parent()
     setup_logging("core")
     config = read_resolved_config(args.resolved_config)
+    allocator.setup(config)  # before any thread starts (decision 095)
     pipeline = Pipeline.open(config)
     pipeline.start()
     socket_path = core_socket(config)

@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from strata import allocator
 from strata.config import Config, ConfigError, load_config
 from strata.server.http import BoundedHttpToolsProtocol
 
@@ -232,6 +233,7 @@ def run_query_api(args: argparse.Namespace) -> int:
         print(f"strata: {exc}", file=sys.stderr)
         return 2
     setup_logging("query-api")
+    allocator.setup(config)  # before any thread starts (decision 095)
     config.data_path.mkdir(parents=True, exist_ok=True)
     try:
         listener = _listen(config)
@@ -280,6 +282,7 @@ def run_archive(args: argparse.Namespace) -> int:
         print(f"strata: {exc}", file=sys.stderr)
         return 2
     setup_logging("archive")
+    allocator.setup(config)  # before any thread starts (decision 095)
     config.data_path.mkdir(parents=True, exist_ok=True)
     stop = _stop_on_signals()
     try:

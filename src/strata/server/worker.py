@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from strata import allocator
 from strata.auth import Keyring
 from strata.config import Config
 from strata.ingest.app import IngestService, ingest_routes
@@ -129,6 +130,7 @@ def serve_ingest_worker(
     die_with_parent()
     setup_logging(f"ingest-{args.index}")
     config = read_resolved_config(args.resolved_config)
+    allocator.setup(config)  # before any thread starts (decision 095)
     log_ = open_log(config, create_topics=False)
     committer = GroupCommitter(log_)
     service = IngestService(config, committer, Keyring(config), log=log_)

@@ -23,7 +23,7 @@ import pyarrow as pa
 from strata.config import Config, parse_duration_ms
 from strata.metrics import Metric, compile_metrics
 from strata.store import ddl
-from strata.store.client import connect
+from strata.store.client import chdb_server_settings, connect
 
 
 class StoreError(Exception):
@@ -47,6 +47,11 @@ class Store:
             data_path=config.data_path,
             url=config.store.url,
             database=config.store.database,
+            chdb_settings=chdb_server_settings(
+                cache_bytes=config.store.chdb_cache_bytes,
+                max_memory_bytes=config.store.chdb_max_memory_bytes,
+                extra=config.store.chdb_settings,
+            ),
         )
         store = cls(client, compile_metrics(config.metrics))
         store.migrate(

@@ -27,4 +27,8 @@ ENGINE = MergeTree
 PARTITION BY toYYYYMMDD(ts)
 ORDER BY (event_type, toDate(ts), distinct_id, ts)
 TTL toDateTime(ts) + INTERVAL {raw_ttl_seconds} SECOND
-SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1;
+-- The primary index lives in the engine's bounded primary index cache
+-- (store.chdb_cache_bytes), not in memory per part for the life of the part:
+-- about 80 bytes per 8,192 rows, so 4 GiB for 90 days at 50k events/s.
+SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1,
+    use_primary_key_cache = 1;
