@@ -344,3 +344,65 @@ def test_matches_a_set_where_promised(
                 newest_slot = top if newest_slot is None else max(newest_slot, top)
             number += 1
         assert all(not name.endswith(".tmp") for name in os.listdir(directory))
+
+
+# -- the loader over a real embedded log and chDB -----------------------------------------------
+
+
+def test_loader_drops_a_retry_hours_later_from_a_cold_slot(tmp_path: Path) -> None:
+    import msgspec
+
+    from strata.config import load_config
+    from strata.events import Normalizer, now_ms
+    from strata.loader.loader import Loader
+    from strata.loader.sinks import EVENTS_SINK
+    from strata.log import open_log
+    from strata.store import Store
+
+    config = load_config(overrides={"data_dir": str(tmp_path), "log.partitions": 2,
+                                    "log.fsync": "never"}, environ={})
+    log = open_log(config)
+    store = Store.open(config)
+    normalizer = Normalizer(partitions=2, max_future_skew_ms=600_000,
+                            max_event_age_ms=86_400_000)
+    producer = log.producer()
+    now = now_ms()
+
+    def send(prefix: str, n: int, timestamp: int, received: int) -> None:
+        raw = [msgspec.json.encode({"event_type": "page_view", "user_id": f"u{i % 7}",
+                                    "event_id": f"{prefix}{i}", "timestamp": timestamp})
+               for i in range(n)]
+        # The SDK stamps sent_at at every attempt: 150 ms of network delay.
+        accepted, _ = normalizer.normalize(raw, sent_at_ms=received - 150,
+                                           received_at_ms=received)
+        for partition, value, _ in accepted:
+            producer.produce("events", partition, None, value)
+        producer.flush()
+
+    def loader() -> Loader:
+        return Loader(log, store, EVENTS_SINK, config.data_path / "loader" / "events",
+                      dedup_horizon_ms=DAY, max_batch_events=1_000)
+
+    def drain(target: Loader) -> None:
+        while target.run_once(timeout_s=0):
+            pass
+
+    try:
+        first = loader()
+        send("old", 2_000, now - 3 * HOUR_MS, now - 3 * HOUR_MS)
+        send("new", 100, now, now)
+        drain(first)
+        assert first.dedup is not None
+        assert first.dedup.size() < 2_000  # the old minute is a run on disk
+        first.close()
+        # Hours later, after a restart: retries with the same client timestamp.
+        second = loader()
+        send("old", 2_000, now - 3 * HOUR_MS, now + 60_000)
+        send("new", 100, now, now + 60_000)
+        drain(second)
+        assert store.scalar("SELECT count() FROM events") == 2_100
+        assert second.stats.duplicate_rows == 2_100
+        second.close()
+    finally:
+        store.close()
+        log.close()
