@@ -50,6 +50,7 @@ from strata.processor.filters import Mask, compile_filter
 from strata.serving.state import (
     UniqSketch,
     WindowState,
+    fixed_width_values,
     hash_strings_at,
     hll_positions,
 )
@@ -824,6 +825,10 @@ class _Selection:
         """Dictionary code of ``column`` per position, and the dictionary
         (nulls encode as '')."""
         if column not in self._codes:
+            fixed = _fixed_width_codes(self.table.column(column), self.rows)
+            if fixed is not None:
+                self._codes[column] = fixed
+                return fixed
             values = self.table.column(column)
             if self.rows is not None:
                 values = values.take(self.rows)
@@ -846,6 +851,39 @@ class _Selection:
             values = self.table.column(column).to_numpy().astype(np.float64)
             self._numbers[column] = values if self.rows is None else values[self.rows]
         return self._numbers[column]
+
+
+def _fixed_width_codes(
+    column: pa.ChunkedArray, rows: np.ndarray | None
+) -> tuple[np.ndarray, pa.Array] | None:
+    """``Selection.codes`` for a column whose values all have the same byte
+    length, at most 8 (country, currency and platform codes): each value
+    is read as one 64-bit integer, and integers dictionary-encode faster
+    than strings. None if the column is not like that."""
+    chunks = [chunk for chunk in column.chunks if len(chunk)]
+    matrices = [fixed_width_values(chunk) for chunk in chunks]
+    widths = {m.shape[1] if m is not None else -1 for m in matrices}
+    if len(widths) != 1 or not 0 < (width := widths.pop()) <= 8:
+        return None
+    bounds = np.concatenate([[0], np.cumsum([len(chunk) for chunk in chunks])]).astype(np.int64)
+    if rows is None:
+        rows = np.arange(int(bounds[-1]), dtype=np.int64)
+    cuts = np.searchsorted(rows, bounds).tolist()
+    padded = np.zeros((len(rows), 8), dtype=np.uint8)
+    for index, matrix in enumerate(matrices):
+        a, b = cuts[index], cuts[index + 1]
+        if a < b:
+            assert matrix is not None
+            padded[a:b, :width] = np.take(matrix, rows[a:b] - bounds[index], axis=0)
+    encoded = pc.dictionary_encode(pa.array(padded.view("<u8").ravel()))
+    codes = encoded.indices.to_numpy().astype(np.int64)
+    words = encoded.dictionary.to_numpy().astype("<u8", copy=False)
+    data = np.ascontiguousarray(words.view(np.uint8).reshape(len(words), 8)[:, :width])
+    offsets = np.arange(0, width * (len(words) + 1), width, dtype=np.int32)
+    dictionary = pa.Array.from_buffers(
+        column.type, len(words), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+    return codes, dictionary
 
 
 def _definition(metric: Metric) -> str:

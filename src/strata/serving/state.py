@@ -108,7 +108,7 @@ def hash_strings_at(column: pa.Array | pa.ChunkedArray, rows: np.ndarray | None)
         if a == b:
             continue
         local = rows[a:b] - bounds[index]
-        values = _fixed_width_values(chunk)
+        values = fixed_width_values(chunk)
         if values is None:
             out[a:b] = hash_strings(chunk.take(pa.array(local)))
         else:
@@ -129,7 +129,7 @@ def hash_strings_at(column: pa.Array | pa.ChunkedArray, rows: np.ndarray | None)
     return out
 
 
-def _fixed_width_values(chunk: pa.Array) -> np.ndarray | None:
+def fixed_width_values(chunk: pa.Array) -> np.ndarray | None:
     """The bytes of a string chunk as an (n, width) matrix, if every value
     is non-null with the same non-zero byte length; else None."""
     if chunk.null_count or not (pa.types.is_string(chunk.type) or pa.types.is_binary(chunk.type)):
