@@ -278,6 +278,12 @@ class DayAnswers:
             for name, day, value, stale in rows
             if name != ""
         }
+        # Days marked in this process count as stale even if writing their
+        # tombstone failed (and days without a row may have got data).
+        with self._lock:
+            marked = [day for day in self._stale or {} if first <= day < until]
+        for day in marked:
+            answers[day] = None
         frontier = _frontier(rows)
         if frontier is None:
             with self._lock:

@@ -16,7 +16,14 @@ from starlette.routing import Route
 from strata.query.api import JSON, CoreAPI
 
 _COMPLETENESS = {
-    "served_from": {"type": "string", "enum": ["rollup_5m", "rollup_1d", "raw"]},
+    "served_from": {
+        "type": "string",
+        "description": (
+            "Where the rows came from: `rollup_5m`, `rollup_1d`, `raw`, `serving`, "
+            "`day_answers` (finalized days), or several joined with `+`, e.g. "
+            "`rollup_5m+serving`, `day_answers+rollup_1d`."
+        ),
+    },
     "complete_until": {
         "type": ["string", "null"],
         "format": "date-time",
