@@ -101,8 +101,8 @@ def hash_strings_at(column: pa.Array | pa.ChunkedArray, rows: np.ndarray | None)
     out = np.empty(len(rows), dtype=np.uint64)
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     cuts = np.searchsorted(rows, bounds).tolist()
-    # Fixed-width chunks of the same width share one matrix and one pass.
-    by_width: dict[int, list[tuple[int, int, np.ndarray]]] = {}
+    # Fixed-width chunks of the same width share one buffer and one pass.
+    by_width: dict[int, list[tuple[int, int, np.ndarray, np.ndarray]]] = {}
     for index, chunk in enumerate(chunks):
         a, b = cuts[index], cuts[index + 1]
         if a == b:
@@ -112,18 +112,24 @@ def hash_strings_at(column: pa.Array | pa.ChunkedArray, rows: np.ndarray | None)
         if values is None:
             out[a:b] = hash_strings(chunk.take(pa.array(local)))
         else:
-            by_width.setdefault(values.shape[1], []).append((a, b, np.take(values, local, axis=0)))
+            by_width.setdefault(values.shape[1], []).append((a, b, values, local))
     for width, parts in by_width.items():
-        words = -(-width // 8)
-        total = sum(b - a for a, b, _ in parts)
-        padded = np.zeros((total, words * 8), dtype=np.uint8)
+        total = sum(b - a for a, b, _, _ in parts)
+        # The picked values back to back, with slack so that the last
+        # value's last 8-byte word can be read whole.
+        packed = np.zeros(total * width + 8, dtype=np.uint8)
         at = 0
-        for a, b, picked in parts:
-            padded[at : at + b - a, :width] = picked
+        for a, b, values, local in parts:
+            np.take(
+                values,
+                local,
+                axis=0,
+                out=packed[at * width : (at + b - a) * width].reshape(-1, width),
+            )
             at += b - a
-        hashes = _hash_fixed(padded.view("<u8"), width)
+        hashes = _hash_fixed(packed, total, width)
         at = 0
-        for a, b, _ in parts:
+        for a, b, _, _ in parts:
             out[a:b] = hashes[at : at + b - a]
             at += b - a
     return out
@@ -150,16 +156,21 @@ def fixed_width_values(chunk: pa.Array) -> np.ndarray | None:
     return data.reshape(len(chunk), width)
 
 
-def _hash_fixed(words: np.ndarray, width: int) -> np.ndarray:
-    """``hash_strings`` of values that all have ``width`` bytes, given as
-    rows of little-endian 8-byte words zero-padded past the value (what the
-    general path's byte masks leave)."""
-    h = np.full(len(words), (width * int(_MUL1) ^ 0x243F6A8885A308D3) % 2**64, dtype=np.uint64)
+def _hash_fixed(packed: np.ndarray, count: int, width: int) -> np.ndarray:
+    """``hash_strings`` of ``count`` values of ``width`` bytes each, stored
+    back to back in ``packed`` (plus 8 bytes of slack). Word ``j`` of every
+    value is one strided 8-byte view; the last word is masked to the bytes
+    that belong to the value, as the general path does."""
+    h = np.full(count, (width * int(_MUL1) ^ 0x243F6A8885A308D3) % 2**64, dtype=np.uint64)
     scratch = np.empty_like(h)
-    for index in range(words.shape[1]):
-        np.bitwise_xor(h, words[:, index], out=h)
+    for j in range(0, width, 8):
+        word = np.ndarray((count,), dtype="<u8", buffer=packed, offset=j, strides=(width,))
+        if width - j < 8:
+            np.bitwise_and(word, _MASKS[width - j], out=scratch)
+            word = scratch
+        np.bitwise_xor(h, word, out=h)
         np.multiply(h, _MUL1, out=h)
-        np.add(h, np.uint64(8 * index + 1), out=h)
+        np.add(h, np.uint64(j + 1), out=h)
         _fmix64_inplace(h, scratch)
     return _fmix64_inplace(h, scratch)
 
