@@ -110,8 +110,9 @@ def test_hashing_rows_in_place_equals_hashing_taken_values(column) -> None:
 
 def test_dimension_codes_across_fixed_and_variable_width_batches() -> None:
     """Batch 1 has fixed-width countries and users (the integer codes and
-    matrix hashes); batch 2 brings new values, other widths and nulls (the
-    general path); batch 3 is fixed-width again with another dictionary."""
+    word hashes); batch 2 brings new values, other widths and nulls (the
+    general path); then fixed widths 2, 3, 8 (two-byte characters too),
+    mixed widths past 8, and empty user ids."""
     m = metric("m", ["country"])
     batches = [
         [row(i, i * 1000, country=["DE", "FR"][i % 2], user_id=f"u{i % 5}") for i in range(20)],
@@ -120,6 +121,10 @@ def test_dimension_codes_across_fixed_and_variable_width_batches() -> None:
             for i in range(20)
         ],
         [row(200 + i, 40_000 + i * 500, country=["IT", "FR"][i % 2]) for i in range(30)],
+        [row(300 + i, 55_000 + i * 100, country=["USA", "GBR"][i % 2]) for i in range(10)],
+        [row(400 + i, 56_000 + i * 100, country=["ABCDEFGH", "ÄÖÜÄ"][i % 2]) for i in range(10)],
+        [row(500 + i, 57_000 + i * 100, country=["ABCDEFGHI", "Z"][i % 2]) for i in range(10)],
+        [row(600 + i, 58_000 + i * 100, country="Ü", user_id="") for i in range(10)],
     ]
     subject = new_engine([m])
     for rows in batches:
@@ -127,7 +132,7 @@ def test_dimension_codes_across_fixed_and_variable_width_batches() -> None:
     events = [e for rows in batches for e in rows]
     assert results(subject, [m]) == expected(events, m)
     # The same stream in one batch, and cut differently, gives the same sketches.
-    for cuts in ([70], [3, 41, 26], [1] * 70):
+    for cuts in ([110], [3, 41, 26, 40], [1] * 110):
         other, position = new_engine([m]), 0
         for size in cuts:
             other.process(0, table(events[position : position + size]), 0)

@@ -550,9 +550,10 @@ class WindowEngine:
         so a sketch is a function of its set of values, whatever the
         batching); groups already in HLL mode get register maxima.
 
-        Group ids are dense and small: a stable radix sort of them (16-bit
-        keys) lays each group's hashes out contiguously."""
-        keys = group_ids.astype(np.int16) if len(states) < 2**15 else group_ids
+        Group ids are dense and small: a stable radix sort of them (8- or
+        16-bit keys) lays each group's hashes out contiguously."""
+        narrow = np.int8 if len(states) <= 2**7 else np.int16 if len(states) <= 2**15 else None
+        keys = group_ids if narrow is None else group_ids.astype(narrow)
         grouped = hashes[np.argsort(keys, kind="stable")]
         ends = np.cumsum(counts).tolist()
         start = 0
@@ -869,15 +870,24 @@ def _fixed_width_codes(
     if rows is None:
         rows = np.arange(int(bounds[-1]), dtype=np.int64)
     cuts = np.searchsorted(rows, bounds).tolist()
-    padded = np.zeros((len(rows), 8), dtype=np.uint8)
+    count = len(rows)
+    packed = np.zeros(count * width + 8, dtype=np.uint8)
     for index, matrix in enumerate(matrices):
         a, b = cuts[index], cuts[index + 1]
         if a < b:
             assert matrix is not None
-            padded[a:b, :width] = np.take(matrix, rows[a:b] - bounds[index], axis=0)
-    encoded = pc.dictionary_encode(pa.array(padded.view("<u8").ravel()))
+            local = rows[a:b] - bounds[index]
+            np.take(matrix, local, axis=0, out=packed[a * width : b * width].reshape(-1, width))
+    numbers: np.ndarray
+    if width in (1, 2, 4, 8):
+        # The narrowest integer that holds a value encodes fastest.
+        numbers = packed[: count * width].view(f"<u{width}")
+    else:
+        view = np.ndarray((count,), dtype="<u8", buffer=packed, strides=(width,))
+        numbers = view & np.uint64((1 << (8 * width)) - 1)
+    encoded = pc.dictionary_encode(pa.array(numbers))
     codes = encoded.indices.to_numpy().astype(np.int64)
-    words = encoded.dictionary.to_numpy().astype("<u8", copy=False)
+    words = encoded.dictionary.to_numpy().astype("<u8")
     data = np.ascontiguousarray(words.view(np.uint8).reshape(len(words), 8)[:, :width])
     offsets = np.arange(0, width * (len(words) + 1), width, dtype=np.int32)
     dictionary = pa.Array.from_buffers(
