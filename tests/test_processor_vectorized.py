@@ -199,3 +199,21 @@ def test_late_events_are_located_across_runs_with_and_without_offsets() -> None:
     )
     got = [(late.event_id, late.partition, late.offset, late.window_start) for late in step.late]
     assert got == [("e21", 0, 101, 0), ("e10", 1, 7, 0), ("e12", 1, 12, 0), ("e30", 0, 102, 0)]
+
+
+def test_late_columns_are_taken_per_run_in_row_order() -> None:
+    """Rows in any order, from a single-chunk run and a run whose table has
+    two chunks."""
+    first = pa.table({"a": [1, 2, 3], "b": ["x", "y", "z"]})
+    second = pa.concat_tables(
+        [pa.table({"a": [4, 5], "b": ["p", "q"]}), pa.table({"a": [6], "b": ["r"]})]
+    )
+    batch = engine_module._Batch(
+        [(0, first, 0), (1, second, 10)], pa.concat_tables([first, second]), np.arange(6)
+    )
+    rows = np.array([5, 0, 3, 4, 2])
+    assert batch.take_pylist(rows, ["a", "b"]) == {
+        "a": [6, 1, 4, 5, 3],
+        "b": ["r", "x", "p", "q", "z"],
+    }
+    assert batch.locate(rows) == ([1, 0, 1, 1, 0], [12, 0, 10, 11, 2])
