@@ -2,13 +2,13 @@
 
 Python's large objects (the loader's joined JSON, log reads, numpy arrays,
 ``bytes`` over 512 B) come from glibc ``malloc``. Under sustained loading
-glibc kept what they freed: its mmap threshold rises to 32 MiB after the
-first large free, so multi-MiB buffers land in the heap arenas, and a
+glibc kept what they freed: its mmap threshold rises to the size of a freed
+large buffer (up to 32 MiB), so later buffers land in the heap arenas, and a
 thread-heavy process gets up to 8 arenas per core whose free chunks are
 only returned when they sit at an arena's top. Measured in the core process
-at 50k events/s (docs/benchmarks.md, "chDB memory under sustained
-loading"), the arenas held 700 MiB of free memory after 3 minutes and kept
-growing; with the settings below they hold about 15 MiB.
+at 50k events/s (docs/benchmarks.md, "Core process memory under sustained
+loading"), the arenas held 500-850 MiB of free memory after 1-3 minutes;
+with the settings below they hold 10-45 MiB.
 
 ``configure`` must run before the process starts threads (the arena limit
 applies to arenas created afterwards). Everything here is a no-op where
@@ -22,6 +22,8 @@ import ctypes.util
 import logging
 import sys
 import threading
+
+from strata.config import Config, parse_duration_ms
 
 log = logging.getLogger("strata.allocator")
 
@@ -94,12 +96,10 @@ def start_trimmer(interval_s: float, stop: threading.Event) -> threading.Thread 
     return thread
 
 
-def setup(config: object) -> threading.Event:
+def setup(config: Config) -> threading.Event:
     """``configure`` and ``start_trimmer`` from ``config.server``; returns the
     trimmer's stop event. Call first thing in a long-running process."""
-    from strata.config import parse_duration_ms
-
-    server = config.server  # type: ignore[attr-defined]
+    server = config.server
     configure(mmap_threshold_bytes=server.malloc_mmap_threshold, arena_max=server.malloc_arena_max)
     stop = threading.Event()
     start_trimmer(parse_duration_ms(server.malloc_trim_interval) / 1000, stop)
