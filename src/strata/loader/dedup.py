@@ -66,6 +66,8 @@ DEFAULT_HOT_WINDOW_MS = 300_000
 BLOCK = 512
 # Ids of cold slots held in memory (tails), per index, before runs are rewritten.
 TAIL_BUDGET = 1 << 20
+# In-memory chunks up to this many ids are merged on every add.
+SMALL = 1 << 15
 
 JOURNAL_RECORD = np.dtype([("hash", "<u8"), ("slot", "<u4")])
 _RUN_MAGIC = b"STRDRUN2"
@@ -87,15 +89,23 @@ def _contains(values: np.ndarray, hashes: np.ndarray) -> np.ndarray:
     return values[position] == hashes
 
 
+def _merge_sorted(parts: list[np.ndarray]) -> np.ndarray:
+    """One sorted array of sorted ``parts`` (timsort merges the runs in
+    linear time)."""
+    merged = np.concatenate(parts) if parts else np.zeros(0, dtype="<u8")
+    merged.sort(kind="stable")
+    return merged
+
+
 def _add_chunk(chunks: list[np.ndarray], values: np.ndarray) -> None:
-    """Append a sorted array; keep chunk sizes geometric (O(log n) chunks)."""
+    """Append a sorted array; keep chunk sizes geometric (O(log n) chunks),
+    and small chunks merged (every lookup searches every chunk)."""
     chunks.append(values)
-    while len(chunks) >= 2 and len(chunks[-2]) <= 2 * len(chunks[-1]):
+    while len(chunks) >= 2 and (
+        len(chunks[-2]) <= 2 * len(chunks[-1]) or len(chunks[-2]) + len(chunks[-1]) <= SMALL
+    ):
         newer = chunks.pop()
-        older = chunks.pop()
-        merged = np.concatenate([older, newer])
-        merged.sort()
-        chunks.append(merged)
+        chunks.append(_merge_sorted([chunks.pop(), newer]))
 
 
 def _groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -568,8 +578,7 @@ class DedupIndex:
         parts = list(slot.chunks)
         if slot.run is not None:
             parts.append(slot.run.read_all())
-        values = np.concatenate(parts) if parts else np.zeros(0, dtype="<u8")
-        values.sort()
+        values = _merge_sorted(parts)
         names = [*slot.files, *sorted(slot.journals)]
         coverage = {name: self._lengths[name] for name in names if name in self._lengths}
         slot.run = _Run.write(self._run_path(partition, slot_number), values, coverage)
