@@ -258,7 +258,8 @@ class WindowEngine:
             held = starts + done + self.retention_ms > watermarks
             self._late(rt, batch, selection.table_rows(positions), starts, watermarks, held, step)
             if held.any():
-                self._aggregate(rt, selection, positions[held], starts[held], late=True)
+                windows = starts[held] // metric.slide_ms
+                self._aggregate(rt, selection, positions[held], windows, late=True)
                 for start in np.unique(starts[held]).tolist():
                     step.revised.append((metric.name, start, start + metric.window_ms))
                     rt.revised.add((start, start + metric.window_ms))
@@ -319,32 +320,34 @@ class WindowEngine:
             return None
         rows = selection.rows
         size, slide = metric.window_ms, metric.slide_ms
-        lateness = metric.allowed_lateness_ms
-        before = combined_before if rows is None else combined_before[rows]
-        watermark_before = np.maximum(before - metric.out_of_orderness_ms, rt.watermark)
+        done = size + metric.allowed_lateness_ms
         ts = batch.ts if rows is None else batch.ts[rows]
-        last_start = ts // slide * slide
+        last_window = ts // slide
+        # Late for a window: start + done <= the watermark just before the
+        # event; i.e. start <= threshold, one number per event.
+        threshold = (combined_before if rows is None else combined_before[rows]) - (
+            metric.out_of_orderness_ms + done
+        )
+        np.maximum(threshold, rt.watermark - done, out=threshold)
         per_event = size // slide
         positions: np.ndarray | None = None
         if per_event > 1:
-            starts = np.repeat(last_start, per_event) - np.tile(
-                np.arange(per_event) * slide, selection.size
-            )
+            windows = (last_window[:, None] - np.arange(per_event)).ravel()
             positions = np.repeat(np.arange(selection.size), per_event)
-            watermark_before = np.repeat(watermark_before, per_event)
+            threshold = np.repeat(threshold, per_event)
         else:
-            starts = last_start
-        late = starts + (size + lateness) <= watermark_before
+            windows = last_window
+        starts = windows * slide
+        late_at = np.flatnonzero(starts <= threshold)
         result = None
-        if late.any():
-            late_at = np.flatnonzero(late)
-            on_time = np.flatnonzero(~late)
+        if len(late_at):
+            on_time = np.flatnonzero(starts > threshold)
             late_positions = late_at if positions is None else positions[late_at]
-            result = (selection, late_positions, starts[late_at], watermark_before[late_at])
+            result = (selection, late_positions, starts[late_at], threshold[late_at] + done)
             positions = on_time if positions is None else positions[on_time]
-            starts = starts[on_time]
-        if len(starts):
-            self._aggregate(rt, selection, positions, starts, late=False)
+            windows = windows[on_time]
+        if len(windows):
+            self._aggregate(rt, selection, positions, windows, late=False)
         return result
 
     def _late(
@@ -391,18 +394,17 @@ class WindowEngine:
         rt: _MetricRuntime,
         selection: _Selection,
         positions: np.ndarray | None,
-        starts: np.ndarray,
+        windows: np.ndarray,
         *,
         late: bool,
     ) -> None:
         """Fold the events at ``positions`` of ``selection`` (None: all of
-        them, in order), each into the window starting at ``starts[i]``,
-        into the held groups."""
+        them, in order), each into the window starting at ``windows[i]``
+        times the slide, into the held groups."""
         metric = rt.metric
-        n = len(starts)
-        window = starts // metric.slide_ms
-        base = int(window.min())
-        code = window - base if base else window
+        n = len(windows)
+        base = int(windows.min())
+        code = windows - base if base else windows
         space = int(code.max()) + 1
         # The group key is a mixed-radix number (window, dim 1, dim 2, ...):
         # decodable, so a group's window and values need no lookup of a
@@ -445,7 +447,7 @@ class WindowEngine:
             if first is None:
                 first = np.full(groups, n, dtype=np.int64)
                 np.minimum.at(first, group_ids, np.arange(n))
-            group_starts = starts[first].tolist()
+            group_starts = (windows[first] * metric.slide_ms).tolist()
             group_dims = [
                 dictionary.take(pa.array(picked[first])).to_pylist()
                 for picked, dictionary, _ in dim_codes
