@@ -160,8 +160,8 @@ def child(variant: str, args: argparse.Namespace) -> dict[str, object]:
             seq = np.arange(second * args.rate, (second + 1) * args.rate, dtype=np.int64)
             n_retries = int(args.rate * args.retries) if second else 0
             max_back = min(args.max_delay, second) * args.rate
-            back = rng.integers(1, max_back + 1, size=n_retries) if n_retries else []
-            originals = second * args.rate - np.asarray(back, dtype=np.int64)
+            back = rng.integers(1, max_back + 1, size=n_retries) if n_retries else np.zeros(0)
+            originals = second * args.rate - back.astype(np.int64)
             hashes = np.concatenate([_mix(seq, 2), _mix(originals, 2)])
             event_ms = np.concatenate([
                 traffic.event_time(seq),
@@ -175,7 +175,7 @@ def child(variant: str, args: argparse.Namespace) -> dict[str, object]:
                 mine = np.flatnonzero(partition == p)
                 h, e, r = hashes[mine], event_ms[mine], received[mine]
                 started = time.process_time()
-                if variant == "new":
+                if isinstance(index, DedupIndex):
                     keep = index.first_unseen(p, h, e)
                     index.add(p, h[keep], e[keep], r[keep])
                 else:

@@ -337,8 +337,8 @@ class DedupIndex:
             slots = slot_files.get(partition, {})
             if slots:
                 state.newest_slot = max(slots)
-            for slot, names in slots.items():
-                self._load_slot(partition, state, slot, names, now)
+            for number, names in slots.items():
+                self._load_slot(partition, state, number, names, now)
             for _, name in journals.get(partition, []):
                 self._load_journal(partition, state, name, now)
                 self._tails_added = TAIL_BUDGET + 1  # recount: bound memory while loading
