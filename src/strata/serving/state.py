@@ -161,14 +161,18 @@ def _hash_fixed(packed: np.ndarray, count: int, width: int) -> np.ndarray:
     back to back in ``packed`` (plus 8 bytes of slack). Word ``j`` of every
     value is one strided 8-byte view; the last word is masked to the bytes
     that belong to the value, as the general path does."""
-    h = np.full(count, (width * int(_MUL1) ^ 0x243F6A8885A308D3) % 2**64, dtype=np.uint64)
+    seed = np.uint64((width * int(_MUL1) ^ 0x243F6A8885A308D3) % 2**64)
+    h = np.empty(count, dtype=np.uint64)
     scratch = np.empty_like(h)
     for j in range(0, width, 8):
         word = np.ndarray((count,), dtype="<u8", buffer=packed, offset=j, strides=(width,))
         if width - j < 8:
             np.bitwise_and(word, _MASKS[width - j], out=scratch)
             word = scratch
-        np.bitwise_xor(h, word, out=h)
+        if j == 0:
+            np.bitwise_xor(word, seed, out=h)
+        else:
+            np.bitwise_xor(h, word, out=h)
         np.multiply(h, _MUL1, out=h)
         np.add(h, np.uint64(j + 1), out=h)
         _fmix64_inplace(h, scratch)
@@ -251,17 +255,20 @@ class UniqSketch:
             exact = self.exact
             # One sort of the short concatenation; the exact set stays
             # sorted and unique, so its bytes are a function of the set.
-            merged = np.concatenate((exact, hashes)) if len(exact) else hashes.astype(np.uint64)
-            merged.sort()
+            if len(exact):
+                merged = np.concatenate((exact, hashes))
+                merged.sort()
+            else:
+                merged = np.sort(hashes.astype(np.uint64, copy=False))
             if len(merged) > 1:
-                fresh = np.empty(len(merged), dtype=bool)
-                fresh[0] = True
-                np.not_equal(merged[1:], merged[:-1], out=fresh[1:])
-                distinct = int(np.count_nonzero(fresh))
-                if distinct == len(exact):
+                fresh = merged[1:] != merged[:-1]
+                if not fresh.all():
+                    keep = np.empty(len(merged), dtype=bool)
+                    keep[0] = True
+                    keep[1:] = fresh
+                    merged = merged[keep]
+                if len(merged) == len(exact):
                     return  # nothing new
-                if distinct != len(merged):
-                    merged = merged[fresh]
             if len(merged) <= EXACT_LIMIT:
                 self.exact = merged
                 return
