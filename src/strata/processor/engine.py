@@ -236,7 +236,11 @@ class WindowEngine:
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
         for partition, _, _ in runs:
             self.last_active[partition] = now_ms
-        ts = table.column("ts").to_numpy()
+        # One copy of the per-run buffers (Arrow's chunked conversion copies
+        # value by value).
+        ts = np.concatenate(
+            [chunk.to_numpy(zero_copy_only=False) for chunk in table.column("ts").chunks]
+        )
         if ts.dtype != np.int64:
             ts = ts.astype(np.int64)
         batch = _Batch(runs, table, ts)
@@ -482,6 +486,7 @@ class WindowEngine:
         # marked capped, and no new group of a capped window is created
         # until it is evicted, so every held group has all its events.
         states: list[GroupState | None] = []
+        group_counts = counts.tolist()
         for g, (start, dims) in enumerate(keys):
             slot = rt.slots.get(start)
             if slot is None:
@@ -497,7 +502,7 @@ class WindowEngine:
                         start,
                         self.max_groups,
                     )
-                self.over_limit_events += int(counts[g])
+                self.over_limit_events += group_counts[g]
                 states.append(None)
                 continue
             if state is None:
@@ -513,9 +518,9 @@ class WindowEngine:
                         else (0.0 if function in ("sum", "avg") else None)
                     )
                 state = slot.groups[dims] = GroupState(0, values_init, final=late, revision=0)
-            state.count += int(counts[g])
+            state.count += group_counts[g]
             if late:
-                state.revision += int(counts[g])
+                state.revision += group_counts[g]
             rt.dirty.add((start, dims))
             states.append(state)
         for i, aggregation in enumerate(metric.aggregations):
