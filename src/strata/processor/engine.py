@@ -366,30 +366,51 @@ class WindowEngine:
     ) -> None:
         """Side-output records; a Python loop over late events only (rare)."""
         metric = rt.metric
-        columns = batch.take_pylist(
-            rows, ("event_id", "event_type", "distinct_id", "ts", "received_at")
-        )
+        columns = batch.take_pylist(rows, ("event_id", "event_type", "distinct_id", "received_at"))
         partitions, offsets = batch.locate(rows)
+        name, size = metric.name, metric.window_ms
         suffix_needed = metric.slide_ms != metric.window_ms
-        for i in range(len(rows)):
-            start = int(starts[i])
-            event_id = columns["event_id"][i] or ""
+        for (
+            start,
+            event_id,
+            event_type,
+            distinct_id,
+            ts,
+            received_at,
+            watermark,
+            is_held,
+            p,
+            o,
+        ) in zip(
+            starts.tolist(),
+            columns["event_id"],
+            columns["event_type"],
+            columns["distinct_id"],
+            batch.ts[rows].tolist(),
+            columns["received_at"],
+            watermarks.tolist(),
+            held.tolist(),
+            partitions,
+            offsets,
+            strict=True,
+        ):
+            event_id = event_id or ""
             suffix = f"|{start}" if suffix_needed else ""
             step.late.append(
                 LateEvent(
-                    id=f"{event_id}|{metric.name}{suffix}",
-                    metric=metric.name,
+                    id=f"{event_id}|{name}{suffix}",
+                    metric=name,
                     event_id=event_id,
-                    event_type=columns["event_type"][i] or "",
-                    distinct_id=columns["distinct_id"][i] or "",
-                    ts=int(columns["ts"][i]),
-                    received_at=int(columns["received_at"][i] or 0),
+                    event_type=event_type or "",
+                    distinct_id=distinct_id or "",
+                    ts=ts,
+                    received_at=int(received_at or 0),
                     window_start=start,
-                    window_end=start + metric.window_ms,
-                    watermark=int(watermarks[i]),
-                    partition=partitions[i],
-                    offset=offsets[i],
-                    window_held=bool(held[i]),
+                    window_end=start + size,
+                    watermark=watermark,
+                    partition=p,
+                    offset=o,
+                    window_held=is_held,
                 )
             )
 
