@@ -37,12 +37,12 @@ class Env:
     """A loading pipeline whose finalizer sees a watermark set by the test
     (the processor's input), with the real log end offsets and loader."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, cache_ttl: str = "0s") -> None:
         self.config = config_for(
             tmp,
             **{
                 "auth.admin_tokens": [ADMIN],
-                "query.cache_ttl": "0s",
+                "query.cache_ttl": cache_ttl,
                 "query.open_range_cache_ttl": "0s",
             },
         )
@@ -56,6 +56,7 @@ class Env:
             lambda: 0,
             on_late=self.pipeline.on_revised,
         )
+        self.pipeline.query.watermark = lambda: self.watermark  # the same for answers' flags
         self.client = TestClient(Starlette(routes=core_routes(CoreAPI(self.pipeline))))
 
     def produce(self, events: list[EventRecord]) -> None:
@@ -232,7 +233,7 @@ def test_restart_backfills_days_with_no_answers(tmp_path: Path) -> None:
     env.load()
     env.close()
 
-    env = Env(tmp_path)
+    env = Env(tmp_path, cache_ttl="600s")
     assert env.table() == {}
     body = env.dau(base, base + 2 * DAY_MS)
     assert not body["served_from"].startswith("day_answers")  # per-day cache path
@@ -242,7 +243,16 @@ def test_restart_backfills_days_with_no_answers(tmp_path: Path) -> None:
     assert {d: v for d, (v, _) in env.table().items()} == ref
     body = env.dau(base, base + 2 * DAY_MS)
     assert body["served_from"] == "day_answers"
-    assert body["days_computed"] == 0
+    assert body["days_computed"] == 0 and body["cache"] == "miss"
+    # A complete range is result-cached like any answer; late data drops it.
+    assert env.dau(base, base + DAY_MS)["cache"] == "miss"
+    assert env.dau(base, base + DAY_MS)["cache"] == "hit"
+    env.pipeline.on_revised(base, base + 1)  # the day is read from the rollups until recomputed
+    revised = env.dau(base, base + DAY_MS)
+    assert revised["cache"] == "miss" and revised["revised"] is True
+    assert revised["days_computed"] == 1 and revised["served_from"] != "day_answers"
+    env.step()
+    body = env.dau(base, base + 2 * DAY_MS)
     assert {r["day"]: r["users"] for r in body["rows"]} == {
         d.isoformat(): n for d, n in ref.items()
     }

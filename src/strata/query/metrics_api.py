@@ -305,8 +305,17 @@ class MetricsAPI:
                 else None
             )
             if target is not None:  # finalized days from day_answers (decision 096)
-                answered = self.service.daily_answers(
-                    target=target, start_ms=start, end_ms=end, compute=compute
+                # Result-cached like any answer (on_revised drops it; open
+                # ranges get the short TTL), so a refreshing dashboard does
+                # not even read the table.
+                answered = self.service.cached_unless_none(
+                    user=user,
+                    kind="dau-answers",
+                    normalized=target.metric.name + "." + target.alias,
+                    time_range=TimeRange(start, end),
+                    compute=lambda: self.service.daily_answers(
+                        target=target, start_ms=start, end_ms=end, compute=compute
+                    ),
                 )
                 if answered is not None:
                     return answered

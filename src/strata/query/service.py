@@ -175,6 +175,23 @@ class QueryService:
     ) -> QueryResult:
         """The cached answer for (kind, normalized, time_range, user), or
         ``compute()``'s, stored with the TTL its completeness allows."""
+        result = self.cached_unless_none(
+            user=user, kind=kind, normalized=normalized, time_range=time_range, compute=compute
+        )
+        assert result is not None
+        return result
+
+    def cached_unless_none(
+        self,
+        *,
+        user: str,
+        kind: str,
+        normalized: str,
+        time_range: TimeRange,
+        compute: Callable[[], QueryResult | None],
+    ) -> QueryResult | None:
+        """``cached``, for a ``compute`` that may decline (None: nothing is
+        stored, the caller answers another way)."""
         key = fingerprint(normalized, time_range, user, kind)
         result = self.cache.get(key)
         if result is not None:
@@ -185,6 +202,8 @@ class QueryService:
         self.stats["misses"] += 1
         REGISTRY.inc("strata_query_cache_total", 1, {"result": "miss"})
         result = compute()
+        if result is None:
+            return None
         completeness = self.completeness(time_range)
         result.meta.update(completeness)
         result.meta["cache"] = "miss"
