@@ -55,6 +55,7 @@ class Env:
             lambda: dict(self.pipeline.loaders["events"].offsets),
             lambda: 0,
             on_late=self.pipeline.on_revised,
+            late_scan_interval_s=0.0,
         )
         self.pipeline.query.watermark = lambda: self.watermark  # the same for answers' flags
         self.client = TestClient(Starlette(routes=core_routes(CoreAPI(self.pipeline))))

@@ -53,6 +53,8 @@ EPOCH = date(1970, 1, 1)
 # may have been stored after it (start-up scan only; later passes follow
 # late_events by offset).
 LATE_MARGIN_S = 3600
+# late_events is not sorted by insertion: each scan reads its offsets.
+LATE_SCAN_INTERVAL_S = 5.0
 MAX_STALE_DAYS = 800  # a revised range longer than this tombstones its last days only
 SQL = named_statements("day_answers.sql")
 
@@ -322,6 +324,7 @@ class DayFinalizer:
         finality_lag_ms: Callable[[], int],
         on_late: Callable[[int, int], Any] | None = None,
         interval_s: float = 1.0,
+        late_scan_interval_s: float = LATE_SCAN_INTERVAL_S,
     ) -> None:
         """``on_late(start_ms, end_ms)``: a stored late event revised this
         range (``Pipeline.on_revised``: cache, ``revised`` flags and
@@ -333,6 +336,7 @@ class DayFinalizer:
         self.finality_lag_ms = finality_lag_ms
         self.on_late = on_late
         self.interval_s = interval_s
+        self.late_scan_interval_s = late_scan_interval_s
         self._pending: tuple[int, int | None, dict[int, int]] | None = None
         self.loaded_watermark_ms: int | None = None
         self.done_seq = 0
@@ -341,6 +345,7 @@ class DayFinalizer:
         # Next unread offset of late_events per late-topic partition; None
         # until the start-up scan (late_after_answers) ran.
         self._late_floors: dict[int, int] | None = None
+        self._next_late_scan = 0.0
 
     @property
     def answers(self) -> DayAnswers:
@@ -408,7 +413,10 @@ class DayFinalizer:
         answers = self.answers
         if not answers.targets:
             return
-        self.scan_late()  # before the snapshot: its marks must precede it
+        now = time.monotonic()
+        if now >= self._next_late_scan:  # a scan of late_events: not every pass
+            self.scan_late()  # before the snapshot: its marks must precede it
+            self._next_late_scan = now + self.late_scan_interval_s
         self.advance_progress()
         if self.done_seq == 0:
             return  # nothing known to be loaded yet (stale days wait too)
