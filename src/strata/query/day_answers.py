@@ -304,7 +304,8 @@ def _frontier(rows: list[tuple[Any, ...]]) -> date | None:
 def _as_date(value: Any) -> date:
     if isinstance(value, datetime):
         return value.date()
-    return value  # type: ignore[no-any-return]
+    assert isinstance(value, date)
+    return value
 
 
 class DayFinalizer:
