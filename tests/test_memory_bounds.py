@@ -1,6 +1,7 @@
 """The memory bounds of decision 095: chDB's caches as configured, the raw
-table's primary index in the bounded cache, and glibc malloc handing large
-freed buffers back instead of keeping them in its arenas."""
+table's primary index in the bounded cache, glibc malloc handing large
+freed buffers back instead of keeping them in its arenas, and the embedded
+log's batch index at 3 int64 per batch."""
 
 from __future__ import annotations
 
@@ -137,3 +138,35 @@ def test_large_freed_buffers_go_back_to_the_system_not_the_arenas() -> None:
     assert _free_in_arenas("default") > 64 << 20
     # ... with strata's settings they were separate mappings, unmapped on free.
     assert _free_in_arenas("bounded") < 16 << 20
+
+
+def test_embedded_log_index_costs_at_most_40_bytes_per_batch(tmp_path: Path) -> None:
+    """Every process that opens the log holds the index of every batch until
+    retention deletes its segment: 3 int64 per batch (lists of Python ints
+    took 125 B)."""
+    import tracemalloc
+
+    from strata.log.embedded import EmbeddedLog
+
+    log = EmbeddedLog(tmp_path / "log", fsync="never")
+    try:
+        log.create_topic("events", 1)
+        producer = log.producer()
+        for _ in range(500):  # warm up buffers and the first segment
+            producer.produce("events", 0, None, b"x" * 100)
+            producer.flush()
+        batches = 10_000
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            for _ in range(batches):
+                producer.produce("events", 0, None, b"x" * 100)
+                producer.flush()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+        assert log.end_offsets("events") == {0: 500 + batches}
+        assert grown / batches <= 40, f"{grown / batches:.1f} B per batch"
+    finally:
+        log.close()
