@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Order: cheap, self-contained parts first.
 PARTS = ["log", "stream", "schemas", "ingest", "loader", "dedup", "freshness", "backfill",
-         "rollup_parts", "query", "chdb_memory"]
+         "rollup_parts", "query", "cache_hits", "chdb_memory"]
 
 # Arguments that make each part finish in a few seconds (smoke test, `--tiny`).
 TINY: dict[str, list[str]] = {
@@ -40,6 +40,7 @@ TINY: dict[str, list[str]] = {
     "backfill": ["--events", "20000", "--days", "2"],
     "rollup_parts": ["--events", "20000", "--days", "40", "--runs", "2"],
     "query": ["--events", "20000", "--days", "3", "--runs", "2", "--raw-runs", "1"],
+    "cache_hits": ["--events", "2000", "--requests", "20"],
     "chdb_memory": ["--seconds", "4", "--sample-seconds", "2", "--rate", "2000",
                     "--variants", "bounded"],
 }

@@ -38,7 +38,7 @@ def test_tiny_suite_runs_without_writing_docs() -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = result.stdout[result.stdout.index("| part | status |"):]
     for part in ("log", "stream", "schemas", "ingest", "loader", "dedup", "freshness",
-                 "backfill", "rollup_parts", "query"):
+                 "backfill", "rollup_parts", "query", "cache_hits"):
         assert f"| {part} | ok |" in summary
     assert "ack -> visible" in result.stdout  # freshness table
     assert "loader / baseline" in result.stdout  # loader table
