@@ -301,7 +301,9 @@ class LiveMerger:
         rows: list[tuple[Any, ...]] = []
         if plan.rollup is not None:
             names, found = run(plan.rollup.sql, None)
-            columns = names
+            # An empty rollup answer may come back without column names
+            # (everything in the range is still live): keep the projections'.
+            columns = names or columns
             rows.extend(found)
         selects = ["__i"]
         selects += [
