@@ -414,45 +414,38 @@ def test_after_the_loader_catches_up_equals_raw(env: Env) -> None:
                 assert values[2] == pytest.approx(expected[2], rel=0.02, abs=1)
 
 
-def test_metrics_count_by_country_over_live_buckets(env: Env) -> None:
-    """GET /v1/metrics/count grouped by a dimension over a range with live
-    buckets: the live rows have the rollup rows' shape (a 500 until the
-    live merge kept each projection's position)."""
+def _count_by_country(env: Env, start: int) -> tuple[str, dict[tuple[int, str], int]]:
+    """GET /v1/metrics/count of page views per 5 minutes and country over
+    [start, END_MS): (served_from, (bucket, country) -> events)."""
     response = env.client.get(
         "/v1/metrics/count",
         params={
             "granularity": "5m",
             "group_by": "country",
             "event_type": "page_view",
-            "from": _utc(BASE_MS),
+            "from": _utc(start),
             "to": _utc(END_MS),
         },
         headers=env.headers,
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert "serving" in body["served_from"], body["served_from"]
-    got = {(_ms_iso(r["time"]), r["country"]): r["events"] for r in body["rows"]}
+    rows = {(_ms_iso(r["time"]), r["country"]): r["events"] for r in body["rows"]}
+    return body["served_from"], rows
+
+
+def test_metrics_count_by_country_over_live_buckets(env: Env) -> None:
+    """GET /v1/metrics/count grouped by a dimension over a range with live
+    buckets, and over a range only live windows answer."""
+    served_from, got = _count_by_country(env, BASE_MS)
+    assert "serving" in served_from, served_from
     live_from = _ms_iso(env.sql(page_views())["live_from"])
     everything = reference(env.events)
     expected = {k: v[0] for k, v in everything.items() if k[0] >= live_from}
     assert {k: v for k, v in got.items() if k[0] >= live_from} == expected
     # A range that only live windows answer (no rollup rows at all).
-    response = env.client.get(
-        "/v1/metrics/count",
-        params={
-            "granularity": "5m",
-            "group_by": "country",
-            "event_type": "page_view",
-            "from": _utc(live_from),
-            "to": _utc(END_MS),
-        },
-        headers=env.headers,
-    )
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert body["served_from"] == "serving", body["served_from"]
-    got = {(_ms_iso(r["time"]), r["country"]): r["events"] for r in body["rows"]}
+    served_from, got = _count_by_country(env, live_from)
+    assert served_from == "serving", served_from
     assert got == expected
 
 

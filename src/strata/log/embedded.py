@@ -236,22 +236,6 @@ def _decode_records(
         index += value_length
         append(record)
     return index
-    for offset in range(first_offset, first_offset + count):
-        key_length, value_length = unpack_key_and_value(data, index)
-        if key_length < 0:
-            key = None
-            index += 8
-        else:
-            index += 4
-            key = data[index : index + key_length]
-            index += key_length
-            (value_length,) = unpack_u32(data, index)
-            index += 4
-        append(
-            Record(topic, partition, offset, timestamp_ms, key, data[index : index + value_length])
-        )
-        index += value_length
-    return index
 
 
 def _decode_values(data: bytes, index: int, count: int, out: list[bytes]) -> int:
