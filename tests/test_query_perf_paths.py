@@ -300,6 +300,41 @@ def test_dau_caches_complete_days_and_late_data_revises_them(env: Env) -> None:
     assert values(body) == ref_dau(env.rows, start, base + 4 * DAY_MS)
 
 
+def test_dau_with_open_days_is_a_hit_when_the_open_part_is_cached(env: Env) -> None:
+    """A range that reaches into open days answers ``cache: hit`` on a repeat
+    within the open-range TTL: the complete days come from the per-day
+    cache and the open ones from the result cache, and the store is not
+    queried (the benchmark of cache hits times exactly this request)."""
+    from strata.query.service import QueryService
+
+    base = env.base + 40 * DAY_MS
+    rows = make_rows(600, start_ms=base, span_ms=3 * DAY_MS, users=40, seed=31, id_prefix="o")
+    env.add(rows, "dau-open")
+    watermark = base + 2 * DAY_MS + 3_600_000  # days 0-1 complete, day 2 open
+    counting = CountingStore(env.pipeline.store)
+    config = msgspec.structs.replace(
+        env.pipeline.config,
+        query=msgspec.structs.replace(env.pipeline.config.query, open_range_cache_ttl="10m"),
+    )
+    env.pipeline._query = QueryService(config, lambda: counting, lambda: watermark)
+    params = {"from": iso(base), "to": iso(base + 3 * DAY_MS)}
+
+    def dau() -> dict[str, Any]:
+        response = env.client.get("/v1/metrics/dau", params=params, headers=env.headers)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    first = dau()
+    assert first["cache"] == "miss" and first["open_windows"] is True
+    queries = counting.queries
+    second = dau()
+    assert second["cache"] == "hit" and second["rows"] == first["rows"]
+    assert counting.queries == queries
+    assert {r["day"]: r["users"] for r in second["rows"]} == ref_dau(
+        env.rows, base, base + 3 * DAY_MS
+    )
+
+
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_cache_get_many_in_order_and_after_invalidation(backend: str, redis_url: str) -> None:
     from strata.query.cache import MemoryCache, RedisCache, ResultCache, fingerprint

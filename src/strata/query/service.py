@@ -247,7 +247,8 @@ class QueryService:
         The answer's meta: ``complete_until_ms``, ``open_windows`` and
         ``revised`` for the whole range; ``served_from`` of the computed
         and cached parts (joined with ``+`` if they differ); ``cache`` is
-        ``hit`` when every granule came from the cache, else ``miss``;
+        ``hit`` when every complete granule came from the cache and the open
+        part, if any, was a result-cache hit, else ``miss``;
         ``granules_cached`` and ``granules_computed`` count them."""
         watermark = self.watermark()
         complete_end = start_ms
@@ -294,8 +295,10 @@ class QueryService:
                     TimeRange(granule, granule + granule_ms),
                 )
                 rows_by_granule[granule] = rows
+        open_hit = True
         if complete_end < end_ms:
             result = compute(complete_end, end_ms)
+            open_hit = result.meta.get("cache") == "hit"
             columns = result.columns
             reason = str(result.meta.get("reason"))
             served.append(str(result.meta.get("served_from")))
@@ -304,8 +307,9 @@ class QueryService:
                 rows_by_granule.setdefault(granule_of(row), []).append(row)
         rows = [row for granule in sorted(rows_by_granule) for row in rows_by_granule[granule]]
         cached, computed = len(cached_results), len(missing)
-        opened = 1 if complete_end < end_ms else 0
-        cache = "hit" if cached and not computed and not opened else "miss"
+        # A hit: no complete granule was computed and the open part, if any,
+        # came from the (short-lived) result cache too.
+        cache = "hit" if not computed and open_hit and (cached or complete_end < end_ms) else "miss"
         self.stats["hits" if cache == "hit" else "misses"] += 1
         REGISTRY.inc("strata_query_cache_total", 1, {"result": cache})
         meta: dict[str, Any] = {
