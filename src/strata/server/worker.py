@@ -2,7 +2,8 @@
 
 It serves ``/v1/batch`` and ``/v1/track`` itself (appending to the log with
 its own group commit) and forwards every other request to the core process
-over its Unix socket, so all of strata sits behind one base URL. Several
+over its Unix socket (``strata.server.forward``: pooled keep-alive
+connections), so all of strata sits behind one base URL. Several
 workers accept on the same listening socket; the kernel spreads connections.
 """
 
@@ -17,12 +18,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from strata import allocator
 from strata.auth import Keyring
@@ -31,77 +30,55 @@ from strata.ingest.app import IngestService, ingest_routes
 from strata.ingest.committer import GroupCommitter
 from strata.log import open_log
 from strata.logs import setup_logging
+from strata.server.forward import CoreForwarder
 from strata.server.http import BoundedHttpToolsProtocol
 from strata.server.process import core_socket, die_with_parent, read_resolved_config, run_dir
 from strata.telemetry import REGISTRY
 
 log = logging.getLogger("strata.worker")
 
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailers",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "host",
-}
-
 # Other stages add ingest-side routes here: functions (service) -> routes.
 EXTRA_INGEST_ROUTES: list = []
 
-
-class CoreProxy:
-    def __init__(self, socket_path: str) -> None:
-        self.client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=socket_path),
-            base_url="http://core",
-            timeout=httpx.Timeout(120.0, connect=5.0),
-        )
-
-    async def forward(self, request: Request) -> Response:
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        headers.append(("x-forwarded-for", request.client.host if request.client else ""))
-        # The raw (still percent-encoded) path: the decoded one may hold
-        # characters no URL can carry (a %0B in a path parameter).
-        path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
-        try:
-            upstream = await self.client.request(
-                request.method,
-                path,
-                params=request.url.query,
-                headers=headers,
-                content=await request.body(),
-            )
-        except httpx.InvalidURL as exc:
-            return JSONResponse({"error": f"path: {exc}"}, status_code=400)
-        except httpx.HTTPError as exc:
-            log.warning("core unreachable: %s", exc)
-            return JSONResponse(
-                {"error": "core process unavailable; retry shortly"},
-                status_code=503,
-                headers={"Retry-After": "1"},
-            )
-        response_headers = {
-            k: v
-            for k, v in upstream.headers.items()
-            if k.lower() not in HOP_BY_HOP | {"content-encoding"}
-        }
-        return Response(
-            upstream.content, status_code=upstream.status_code, headers=response_headers
-        )
+FORWARDED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"})
 
 
-def build_app(service: IngestService, proxy: CoreProxy) -> Starlette:
+class WorkerApp:
+    """The worker's ASGI app: a request that fully matches one of the worker's
+    own routes (ingest) goes to its Starlette app; any other request with a
+    forwarded method goes straight to the core forwarder, without Starlette's
+    routing and request/response objects on the way (decision 097).
+
+    The Starlette app keeps the catch-all route to the forwarder too, so that
+    what it alone decides (405 for other methods, lifespan) is unchanged."""
+
+    def __init__(
+        self, app: Starlette, own_routes: list[BaseRoute], forwarder: CoreForwarder
+    ) -> None:
+        self.app = app
+        self.own_routes = own_routes
+        self.forwarder = forwarder
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in FORWARDED_METHODS:
+            for route in self.own_routes:
+                if route.matches(scope)[0] is Match.FULL:
+                    break
+            else:
+                await self.forwarder(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(service: IngestService, forwarder: CoreForwarder) -> WorkerApp:
+    """The ingest worker of `strata serve`: ingest routes served here, every
+    other request forwarded to the core (``strata.server.forward``)."""
     routes: list[BaseRoute] = list(ingest_routes(service))
     for factory in EXTRA_INGEST_ROUTES:
         routes.extend(factory(service))
-    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
-    routes.append(Route("/{path:path}", proxy.forward, methods=methods))
-    return Starlette(routes=routes)
+    own_routes = list(routes)
+    routes.append(Route("/{path:path}", forwarder, methods=sorted(FORWARDED_METHODS)))
+    return WorkerApp(Starlette(routes=routes), own_routes, forwarder)
 
 
 def _snapshot_loop(path: os.PathLike[str], stop: threading.Event) -> None:
@@ -116,7 +93,7 @@ def serve_ingest_worker(
     argv: list[str] | None,
     *,
     prog: str,
-    make_app: Callable[[IngestService, Config], tuple[Starlette, Path]],
+    make_app: Callable[[IngestService, Config], tuple[ASGIApp, Path]],
 ) -> None:
     """Run one ingest worker process: parse its arguments, open the log, the
     group committer and the service, and serve ``make_app``'s app (which also
@@ -163,9 +140,9 @@ def serve_ingest_worker(
 
 
 def main(argv: list[str] | None = None) -> None:
-    def make_app(service: IngestService, config: Config) -> tuple[Starlette, Path]:
-        proxy = CoreProxy(str(core_socket(config)))
-        return build_app(service, proxy), run_dir(config)
+    def make_app(service: IngestService, config: Config) -> tuple[ASGIApp, Path]:
+        forwarder = CoreForwarder(str(core_socket(config)))
+        return build_app(service, forwarder), run_dir(config)
 
     serve_ingest_worker(argv, prog="strata-worker", make_app=make_app)
 
