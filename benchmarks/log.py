@@ -77,11 +77,11 @@ def measure(log: Log, records: list[tuple[int, bytes]], flush_every: int) -> tup
 
 
 @contextmanager
-def embedded(fsync: str) -> Iterator[Log]:
+def embedded(fsync: str, segment_bytes: int = 64 * 2**20) -> Iterator[Log]:
     from strata.log.embedded import EmbeddedLog
 
     directory = Path(tempfile.mkdtemp(prefix="bench-log-"))
-    log = EmbeddedLog(directory, fsync=fsync)  # type: ignore[arg-type]
+    log = EmbeddedLog(directory, fsync=fsync, segment_bytes=segment_bytes)  # type: ignore[arg-type]
     try:
         yield log
     finally:
@@ -111,12 +111,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser.add_argument("--embedded-only", action="store_true",
                         help="skip the Kafka backend (no tansu broker; smoke test)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument("--segment-bytes", type=int, default=64 * 2**20,
+                        help="embedded log.segment_bytes (small values roll and seal often)")
     args = parser.parse_args(argv)
     records = make_records(args.records)
     mean_bytes = sum(len(v) for _, v in records) / len(records)
     backends: dict[str, Callable[[], AbstractContextManager[Log]]] = {
-        "embedded, fsync=always": lambda: embedded("always"),
-        "embedded, fsync=never": lambda: embedded("never"),
+        "embedded, fsync=always": lambda: embedded("always", args.segment_bytes),
+        "embedded, fsync=never": lambda: embedded("never", args.segment_bytes),
         "kafka (confluent-kafka -> tansu 0.6.0, memory storage)": kafka,
     }
     if args.embedded_only:

@@ -4,6 +4,7 @@ On-disk layout under the log directory::
 
     <topic>/meta.json                          {"partitions": N}
     <topic>/<partition>/<base_offset:020d>.seg segment files, oldest first
+    <topic>/<partition>/<base_offset:020d>.index batch index of a sealed segment (a cache)
     <topic>/<partition>/.lock                  flock(2) target serialising writers
     <topic>/groups/<group>.json                committed offsets of one consumer group
 
@@ -44,6 +45,21 @@ New segment files and directories get their directory fsynced (except under
 ``"never"``); when a segment rolls, the finished one is fsynced first so that
 power loss cannot leave a hole in the offsets.
 
+Batch index. To seek by offset or by time a process needs, per segment, the
+file position, base offset and max timestamp of every batch. Only the newest
+(active) segment of a partition keeps that index in memory for good. When a
+segment is sealed (a newer one exists) the process keeps just its summary
+(size, end offset, newest timestamp) and drops the batches; the writer that
+rolled it writes them to the sidecar ``<base>.index`` (temp file, fsync per
+the policy, rename). A lookup in a sealed segment reads the sidecar into a
+small per-partition LRU (``_CACHED_SEALED_INDEXES`` segments). The sidecar is
+a cache and the segment is the truth: a sidecar that is missing, torn, or
+does not match its segment (size, and the last batch's header) is rebuilt by
+scanning the segment's headers. Retention deletes it with its segment. So the
+memory an index takes is bounded by ``segment_bytes`` (the active segment)
+plus the LRU, and a few dozen bytes per retained segment; not by the number
+of batches the log keeps (decision 099).
+
 Consumers. ``poll`` raises ``OffsetOutOfRange`` when a position lies below the
 beginning offset (retention deleted it) or beyond the end offset; the caller
 decides whether to ``seek`` to ``beginning_offsets()``. There is no automatic
@@ -61,11 +77,13 @@ import logging
 import os
 import re
 import struct
+import sys
 import threading
 import time
 import types
 import zlib
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -101,6 +119,15 @@ _MAX_PAYLOAD = 2**32 - 1
 
 _SEGMENT_SUFFIX = ".seg"
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
+_INDEX_SUFFIX = ".index"
+_INDEX_NAME = re.compile(r"^(\d{20})\.index$")
+# magic, crc32 (of everything after it), base_offset, end_offset, segment_size, batch_count;
+# then batch_count int64 file positions, base offsets and max timestamps, little-endian.
+_INDEX_MAGIC = b"STI1"
+_INDEX_HEADER = struct.Struct("<4sIQQQI")
+# Sealed segments whose full batch index a partition keeps in memory after a
+# lookup (seek, offset_for_time); sequential reads do not use the index.
+_CACHED_SEALED_INDEXES = 4
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
 
 _READ_AHEAD = 512 * 1024
@@ -270,36 +297,137 @@ def _skip_records(data: bytes, index: int, count: int) -> int:
     return index
 
 
-# --- partitions: the shared index and the writer -------------------------------------------------
+class _Batches:
+    """The batch index of (part of) one segment: one int64 each per batch.
+
+    24 B per batch (lists of ints took 125 B: decision 095). Held for good
+    only for a partition's active segment; see "Batch index" above.
+    """
+
+    __slots__ = ("positions", "offsets", "timestamps")
+
+    def __init__(self) -> None:
+        self.positions = array("q")  # file position of each batch
+        self.offsets = array("q")  # base offset of each batch
+        self.timestamps = array("q")  # max timestamp of each batch
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def append(self, position: int, offset: int, timestamp: int) -> None:
+        self.positions.append(position)
+        self.offsets.append(offset)
+        self.timestamps.append(timestamp)
+
+    def pop(self) -> tuple[int, int, int]:
+        return self.positions.pop(), self.offsets.pop(), self.timestamps.pop()
 
 
 class _Segment:
-    """What this process knows about one segment file: its complete batches."""
+    """What this process knows about one segment file.
 
-    __slots__ = (
-        "base_offset",
-        "path",
-        "positions",
-        "offsets",
-        "timestamps",
-        "size",
-        "end_offset",
-        "final",
-    )
+    ``size``/``end_offset``/``max_timestamp`` cover the complete batches
+    indexed so far; once ``final`` (a newer segment exists and this one was
+    indexed to its end) they describe the whole, immutable segment, and
+    ``batches`` is ``None``: the partition's LRU or the sidecar holds them.
+    A segment listed but never indexed also has ``batches`` ``None``.
+    """
+
+    __slots__ = ("base_offset", "path", "size", "end_offset", "max_timestamp", "final", "batches")
 
     def __init__(self, base_offset: int, path: str) -> None:
         self.base_offset = base_offset
         self.path = path
-        # One int64 per batch each (24 B per batch; lists of ints took 125 B,
-        # and every process that opens the log holds the index of every
-        # segment until retention deletes it: decision 095).
-        self.positions = array("q")  # file position of each batch
-        self.offsets = array("q")  # base offset of each batch
-        self.timestamps = array("q")  # max timestamp of each batch
         self.size = 0  # bytes covered by the indexed batches
         self.end_offset = base_offset  # offset after the last indexed batch
-        # A newer segment exists and this one has been indexed to its end.
+        self.max_timestamp: int | None = None  # of the last indexed batch
         self.final = False
+        self.batches: _Batches | None = None
+
+
+def _index_path(segment_path: str) -> str:
+    return segment_path[: -len(_SEGMENT_SUFFIX)] + _INDEX_SUFFIX
+
+
+def _encode_index(segment: _Segment, batches: _Batches) -> bytes:
+    arrays = [batches.positions, batches.offsets, batches.timestamps]
+    if sys.byteorder != "little":
+        arrays = [array("q", values) for values in arrays]
+        for values in arrays:
+            values.byteswap()
+    body = _INDEX_HEADER.pack(
+        _INDEX_MAGIC, 0, segment.base_offset, segment.end_offset, segment.size, len(batches)
+    )[8:] + b"".join(values.tobytes() for values in arrays)
+    return _INDEX_MAGIC + _CRC.pack(zlib.crc32(body)) + body
+
+
+def _decode_index(data: bytes, segment_base: int) -> tuple[int, int, _Batches] | None:
+    """(end offset, segment size, batches) from sidecar bytes, or ``None`` if
+    they are torn, corrupt or name another segment."""
+    if len(data) < _INDEX_HEADER.size:
+        return None
+    magic, crc, base, end_offset, size, count = _INDEX_HEADER.unpack_from(data)
+    if (
+        magic != _INDEX_MAGIC
+        or base != segment_base
+        or len(data) != _INDEX_HEADER.size + 24 * count
+        or zlib.crc32(memoryview(data)[8:]) != crc
+    ):
+        return None
+    batches = _Batches()
+    start = _INDEX_HEADER.size
+    for values in (batches.positions, batches.offsets, batches.timestamps):
+        values.frombytes(data[start : start + 8 * count])
+        if sys.byteorder != "little":
+            values.byteswap()
+        start += 8 * count
+    return end_offset, size, batches
+
+
+def _scan_file(
+    fd: int, file_size: int, batches: _Batches, position: int, next_offset: int
+) -> tuple[int, int, bool]:
+    """Append to ``batches`` the complete batches of the open segment file
+    from ``position`` (whose batch has base offset ``next_offset``).
+
+    Returns (position after the last complete batch, the offset after it,
+    whether a torn or corrupt batch stopped the scan before ``file_size``).
+    Only headers are read, except for the newest batch, whose CRC is checked:
+    only it can be half-written or half-synced.
+    """
+    first_new = len(batches)
+    chunk = b""
+    chunk_position = position
+    torn = False
+    while position < file_size:
+        if position + _HEADER_SIZE > file_size:
+            torn = True
+            break
+        relative = position - chunk_position
+        if relative + _HEADER_SIZE > len(chunk):
+            chunk = os.pread(fd, _SCAN_CHUNK, position)
+            chunk_position = position
+            relative = 0
+            if len(chunk) < _HEADER_SIZE:
+                torn = True
+                break
+        magic, _crc, base, count, _first_ts, max_ts, length = _HEADER.unpack_from(chunk, relative)
+        end = position + _HEADER_SIZE + length
+        if magic != _MAGIC or base != next_offset or count == 0 or end > file_size:
+            torn = True
+            break
+        batches.append(position, base, max_ts)
+        position = end
+        next_offset = base + count
+    if len(batches) > first_new:
+        batch_position = batches.positions[-1]
+        if not _crc_ok(os.pread(fd, position - batch_position, batch_position)):
+            position, next_offset, _ = batches.pop()
+            torn = True
+    return position, next_offset, torn
+
+
+# --- partitions: the shared index and the writer -------------------------------------------------
 
 
 class _Partition:
@@ -317,6 +445,10 @@ class _Partition:
         self.directory = directory
         self.lock = threading.RLock()
         self.segments: list[_Segment] = []
+        # Full batch indexes of recently looked-up sealed segments, by base offset.
+        self.sealed_indexes: OrderedDict[int, _Batches] = OrderedDict()
+        # Segments this process rolled, whose sidecar it writes once the flock is released.
+        self.unwritten_sidecars: list[tuple[_Segment, _Batches]] = []
         self.writer_fd: int | None = None
         self.writer_base: int | None = None
         self.last_timestamp = 0
@@ -346,6 +478,12 @@ class _Partition:
 
     # -- the index
 
+    def index_stats(self) -> tuple[int, int]:
+        """(batches indexed in memory, segments known) of this partition."""
+        held = sum(len(segment.batches) for segment in self.segments if segment.batches)
+        held += sum(len(batches) for batches in self.sealed_indexes.values())
+        return held, len(self.segments)
+
     def refresh(self, *, repair: bool = False, relist: bool = False) -> None:
         """Catch up with what other processes appended, rolled or deleted.
 
@@ -363,17 +501,17 @@ class _Partition:
             successor = os.path.join(self.directory, _segment_name(last.end_offset))
             if last.end_offset == last.base_offset or not os.path.exists(successor):
                 break
-            last.final = True
+            self._seal(last)
             self.segments.append(_Segment(last.end_offset, successor))
         if self.segments:
             last = self.segments[-1]
-            if last.timestamps:
-                self.last_timestamp = max(self.last_timestamp, last.timestamps[-1])
+            if last.max_timestamp is not None:
+                self.last_timestamp = max(self.last_timestamp, last.max_timestamp)
             elif len(self.segments) > 1:
                 previous = self.segments[-2]
                 self.ensure_indexed(previous)
-                if previous.timestamps:
-                    self.last_timestamp = max(self.last_timestamp, previous.timestamps[-1])
+                if previous.max_timestamp is not None:
+                    self.last_timestamp = max(self.last_timestamp, previous.max_timestamp)
 
     def _relist(self) -> None:
         try:
@@ -386,86 +524,188 @@ class _Partition:
             known.get(base) or _Segment(base, os.path.join(self.directory, _segment_name(base)))
             for base in bases
         ]
+        listed = set(bases)
+        for base in [base for base in self.sealed_indexes if base not in listed]:
+            del self.sealed_indexes[base]
+        # A segment that was partly indexed as the newest may have been rolled
+        # past by another process; seal it now rather than keep its batches.
+        for segment in self.segments[:-1]:
+            if segment.batches is not None:
+                self.ensure_indexed(segment)
 
     def ensure_indexed(self, segment: _Segment) -> None:
-        """Index a segment that is no longer the newest, once, to its end."""
-        if not segment.final:
-            self._scan(segment, repair=False)
-            if segment is not self.segments[-1]:
-                segment.final = True
+        """Index a segment to its end; seal it if it is no longer the newest.
 
-    def _scan(self, segment: _Segment, *, repair: bool) -> None:
-        """Index the complete batches appended to ``segment`` since the last scan."""
+        Sealing a segment that is not yet final reads its sidecar or, when the
+        sidecar is unusable, scans the rest of the segment and rewrites it.
+        """
+        if segment.final:
+            return
+        if segment is self.segments[-1]:
+            self._scan(segment, repair=False)
+            return
+        # No longer the newest, so complete and immutable.
+        batches = self._read_sidecar(segment)
+        if batches is not None:
+            segment.batches = None
+        else:
+            torn = self._scan(segment, repair=False)
+            batches = segment.batches
+            if batches is not None and len(batches) and not torn:
+                self._write_sidecar(segment, batches)
+        self._seal(segment)
+        if batches is not None and len(batches):
+            self._cache(segment, batches)
+
+    def _seal(self, segment: _Segment) -> None:
+        """Mark a segment indexed to its end final and release its batches."""
+        segment.final = True
+        segment.batches = None
+
+    def batches_of(self, segment: _Segment) -> _Batches:
+        """The full batch index of ``segment``, which ``ensure_indexed`` saw."""
+        if segment.batches is not None:
+            return segment.batches
+        batches = self.sealed_indexes.get(segment.base_offset)
+        if batches is not None:
+            self.sealed_indexes.move_to_end(segment.base_offset)
+            return batches
+        batches = self._read_sidecar(segment)
+        if batches is None:
+            batches = _Batches()
+            try:
+                fd = os.open(segment.path, os.O_RDONLY)
+            except FileNotFoundError:
+                return batches  # deleted by retention: nothing left to find in it
+            try:
+                size, _end, torn = _scan_file(
+                    fd, os.fstat(fd).st_size, batches, 0, segment.base_offset
+                )
+            finally:
+                os.close(fd)
+            if not torn and size == segment.size and len(batches):
+                self._write_sidecar(segment, batches)
+        self._cache(segment, batches)
+        return batches
+
+    def _cache(self, segment: _Segment, batches: _Batches) -> None:
+        self.sealed_indexes[segment.base_offset] = batches
+        self.sealed_indexes.move_to_end(segment.base_offset)
+        while len(self.sealed_indexes) > _CACHED_SEALED_INDEXES:
+            self.sealed_indexes.popitem(last=False)
+
+    def _read_sidecar(self, segment: _Segment) -> _Batches | None:
+        """The sidecar's batches if it matches the segment file as it is now.
+
+        On success ``segment``'s size, end offset and newest timestamp are set
+        from it. ``None`` when missing, torn, corrupt or stale (written for
+        other contents of this file name).
+        """
+        path = _index_path(segment.path)
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+            fd = os.open(segment.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            decoded = _decode_index(data, segment.base_offset)
+            if decoded is None:
+                logger.warning(
+                    "log %s/%d: ignoring invalid index %s", self.topic, self.number, path
+                )
+                return None
+            end_offset, size, batches = decoded
+            if os.fstat(fd).st_size != size or not len(batches):
+                return None
+            # The last batch's header must be where and what the sidecar says.
+            header = os.pread(fd, _HEADER_SIZE, batches.positions[-1])
+        finally:
+            os.close(fd)
+        if len(header) < _HEADER_SIZE:
+            return None
+        magic, _crc, base, count, _first_ts, max_ts, length = _HEADER.unpack(header)
+        if (
+            magic != _MAGIC
+            or base != batches.offsets[-1]
+            or max_ts != batches.timestamps[-1]
+            or base + count != end_offset
+            or batches.positions[-1] + _HEADER_SIZE + length != size
+        ):
+            logger.warning("log %s/%d: ignoring stale index %s", self.topic, self.number, path)
+            return None
+        segment.size = size
+        segment.end_offset = end_offset
+        segment.max_timestamp = batches.timestamps[-1]
+        return batches
+
+    def _write_sidecar(self, segment: _Segment, batches: _Batches) -> None:
+        """Write the sidecar of a sealed segment; a failure only costs a rescan later."""
+        path = Path(_index_path(segment.path))
+        try:
+            _write_file_atomically(path, _encode_index(segment, batches), sync=self._sync_policy())
+        except FileNotFoundError:
+            pass  # the partition directory is gone
+        except OSError:
+            logger.warning(
+                "log %s/%d: cannot write index %s", self.topic, self.number, path, exc_info=True
+            )
+
+    def write_unwritten_sidecars(self) -> None:
+        """Write the sidecars of segments this process rolled (without the flock)."""
+        while self.unwritten_sidecars:
+            segment, batches = self.unwritten_sidecars.pop()
+            if os.path.exists(segment.path):
+                self._write_sidecar(segment, batches)
+
+    def _scan(self, segment: _Segment, *, repair: bool) -> bool:
+        """Index the complete batches appended to ``segment`` since the last scan.
+
+        Returns whether a torn or corrupt batch stopped the scan.
+        """
+        if segment.final:
+            return False
         try:
             file_size = os.stat(segment.path).st_size
         except FileNotFoundError:
-            return  # deleted by retention; a relist drops it
-        if file_size == segment.size:
-            return
-        if file_size < segment.size:
+            return False  # deleted by retention; a relist drops it
+        if file_size == segment.size and segment.batches is not None:
+            return False
+        if segment.batches is None:
+            # Never indexed (or its partial index was dropped): start over.
+            segment.batches = _Batches()
+            segment.size = 0
+            segment.end_offset = segment.base_offset
+        elif file_size < segment.size:
             self._forget_beyond(segment, file_size)
         try:
             fd = os.open(segment.path, os.O_RDONLY)
         except FileNotFoundError:
-            return
+            return False
+        batches = segment.batches
         try:
-            file_size = os.fstat(fd).st_size
-            first_new = len(segment.positions)
-            position = segment.size
-            next_offset = segment.end_offset
-            chunk = b""
-            chunk_position = position
-            torn = False
-            while position < file_size:
-                if position + _HEADER_SIZE > file_size:
-                    torn = True
-                    break
-                relative = position - chunk_position
-                if relative + _HEADER_SIZE > len(chunk):
-                    chunk = os.pread(fd, _SCAN_CHUNK, position)
-                    chunk_position = position
-                    relative = 0
-                    if len(chunk) < _HEADER_SIZE:
-                        torn = True
-                        break
-                magic, _crc, base, count, _first_ts, max_ts, length = _HEADER.unpack_from(
-                    chunk, relative
-                )
-                end = position + _HEADER_SIZE + length
-                if magic != _MAGIC or base != next_offset or count == 0 or end > file_size:
-                    torn = True
-                    break
-                segment.positions.append(position)
-                segment.offsets.append(base)
-                segment.timestamps.append(max_ts)
-                position = end
-                next_offset = base + count
-            # Only the newest batch can be half-written or half-synced; check its CRC.
-            if len(segment.positions) > first_new:
-                batch_position = segment.positions[-1]
-                data = os.pread(fd, position - batch_position, batch_position)
-                if not _crc_ok(data):
-                    segment.positions.pop()
-                    next_offset = segment.offsets.pop()
-                    segment.timestamps.pop()
-                    position = batch_position
-                    torn = True
-            segment.size = position
-            segment.end_offset = next_offset
+            position, next_offset, torn = _scan_file(
+                fd, os.fstat(fd).st_size, batches, segment.size, segment.end_offset
+            )
         finally:
             os.close(fd)
+        segment.size = position
+        segment.end_offset = next_offset
+        segment.max_timestamp = batches.timestamps[-1] if len(batches) else None
         if torn and repair:
             self._truncate(segment, position)
+        return torn
 
     def _forget_beyond(self, segment: _Segment, size: int) -> None:
         """Drop indexed batches that no longer fit in a file truncated to ``size``."""
-        while segment.positions and segment.size > size:
-            segment.size = segment.positions.pop()
-            segment.end_offset = segment.offsets.pop()
-            segment.timestamps.pop()
+        batches = segment.batches
+        assert batches is not None
+        while len(batches) and segment.size > size:
+            segment.size, segment.end_offset, _ = batches.pop()
         if segment.size > size:
             segment.size = 0
             segment.end_offset = segment.base_offset
+        segment.max_timestamp = batches.timestamps[-1] if len(batches) else None
 
     def _truncate(self, segment: _Segment, size: int) -> None:
         logger.warning(
@@ -509,8 +749,11 @@ class _Partition:
         self.ensure_indexed(segment)
         if offset >= segment.end_offset:
             return segment, segment.size, segment.end_offset
-        index = bisect.bisect_right(segment.offsets, offset) - 1
-        return segment, segment.positions[index], segment.offsets[index]
+        batches = self.batches_of(segment)
+        index = bisect.bisect_right(batches.offsets, offset) - 1
+        if index < 0:  # the file vanished under us (retention)
+            return segment, 0, segment.base_offset
+        return segment, batches.positions[index], batches.offsets[index]
 
     def offset_for_time(self, timestamp_ms: int) -> int:
         self.refresh(relist=True)
@@ -521,15 +764,18 @@ class _Partition:
             middle = (low + high) // 2
             segment = segments[middle]
             self.ensure_indexed(segment)
-            if segment.timestamps and segment.timestamps[-1] >= timestamp_ms:
+            if segment.max_timestamp is not None and segment.max_timestamp >= timestamp_ms:
                 high = middle
             else:
                 low = middle + 1
         if low == len(segments):
             return self.end_offset()
         segment = segments[low]
-        index = bisect.bisect_left(segment.timestamps, timestamp_ms)
-        return segment.offsets[index]
+        batches = self.batches_of(segment)
+        index = bisect.bisect_left(batches.timestamps, timestamp_ms)
+        if index == len(batches):  # the file vanished under us (retention)
+            return segment.base_offset
+        return batches.offsets[index]
 
     # -- the writer
 
@@ -544,49 +790,61 @@ class _Partition:
             raise LogError(
                 f"{self.topic}/{self.number}: a flush of {payload_length} bytes is too big"
             )
-        with self.flocked():
-            self.refresh(repair=True)
-            segment = self._segment_for_append()
-            fd = self._writer_for(segment)
-            base_offset = segment.end_offset
-            timestamp = max(_now_ms(), self.last_timestamp)
-            _HEADER.pack_into(
-                batch, 0, _MAGIC, 0, base_offset, count, timestamp, timestamp, payload_length
-            )
-            with memoryview(batch) as view:
-                crc = zlib.crc32(view[_CRC_START:])
-            _CRC.pack_into(batch, 4, crc)
+        try:
+            with self.flocked():
+                return self._append_locked(batch, count, payload_length, dup_for_sync)
+        finally:
+            if self.unwritten_sidecars:
+                self.write_unwritten_sidecars()
+
+    def _append_locked(
+        self, batch: bytearray, count: int, payload_length: int, dup_for_sync: bool
+    ) -> tuple[int, int | None]:
+        self.refresh(repair=True)
+        segment = self._segment_for_append()
+        fd = self._writer_for(segment)
+        base_offset = segment.end_offset
+        timestamp = max(_now_ms(), self.last_timestamp)
+        _HEADER.pack_into(
+            batch, 0, _MAGIC, 0, base_offset, count, timestamp, timestamp, payload_length
+        )
+        with memoryview(batch) as view:
+            crc = zlib.crc32(view[_CRC_START:])
+        _CRC.pack_into(batch, 4, crc)
+        try:
+            written = os.write(fd, batch)
+            if written != len(batch):
+                raise OSError(f"short write: {written} of {len(batch)} bytes")
+        except OSError as exc:
+            # Leave no torn batch behind; the next writer would truncate it anyway.
             try:
-                written = os.write(fd, batch)
-                if written != len(batch):
-                    raise OSError(f"short write: {written} of {len(batch)} bytes")
-            except OSError as exc:
-                # Leave no torn batch behind; the next writer would truncate it anyway.
-                try:
-                    os.ftruncate(fd, segment.size)
-                except OSError:
-                    logger.exception(
-                        "log %s/%d: cannot truncate after a failed write", self.topic, self.number
-                    )
-                raise LogError(f"{self.topic}/{self.number}: append failed: {exc}") from exc
-            segment.positions.append(segment.size)
-            segment.offsets.append(base_offset)
-            segment.timestamps.append(timestamp)
-            segment.size += written
-            segment.end_offset = base_offset + count
-            self.last_timestamp = timestamp
-            self.dirty = True
-            return written, (os.dup(fd) if dup_for_sync else None)
+                os.ftruncate(fd, segment.size)
+            except OSError:
+                logger.exception(
+                    "log %s/%d: cannot truncate after a failed write", self.topic, self.number
+                )
+            raise LogError(f"{self.topic}/{self.number}: append failed: {exc}") from exc
+        assert segment.batches is not None
+        segment.batches.append(segment.size, base_offset, timestamp)
+        segment.size += written
+        segment.max_timestamp = timestamp
+        segment.end_offset = base_offset + count
+        self.last_timestamp = timestamp
+        self.dirty = True
+        return written, (os.dup(fd) if dup_for_sync else None)
 
     def _segment_for_append(self) -> _Segment:
         if not self.segments:
             return self._create_segment(0)
         last = self.segments[-1]
-        if last.size >= self.log._segment_bytes and last.positions:
+        if last.size >= self.log._segment_bytes and last.batches:
             if self._sync_policy():
                 self._sync_segment(last)
-            last.final = True
+            self.unwritten_sidecars.append((last, last.batches))
+            self._seal(last)
             return self._create_segment(last.end_offset)
+        if last.batches is None:
+            last.batches = _Batches()  # the refresh found an empty file
         return last
 
     def _sync_segment(self, segment: _Segment) -> None:
@@ -613,6 +871,7 @@ class _Partition:
             _fsync_dir(self.directory)
         self._set_writer(fd, base_offset)
         segment = _Segment(base_offset, path)
+        segment.batches = _Batches()
         self.segments.append(segment)
         return segment
 
@@ -654,7 +913,7 @@ class _Partition:
             for index, segment in enumerate(self.segments[:-1]):
                 self.ensure_indexed(segment)
                 segment_end = self.segments[index + 1].base_offset
-                newest = segment.timestamps[-1] if segment.timestamps else None
+                newest = segment.max_timestamp
                 expired = log._retention_ms is not None and (
                     newest is None or newest < now_ms - log._retention_ms
                 )
@@ -670,10 +929,14 @@ class _Partition:
                         f"{where}: kept, {uncommitted} records not committed by every group"
                     )
                     break
-                try:
-                    os.unlink(segment.path)
-                except FileNotFoundError:
-                    pass  # another process's retention got there first
+                # The sidecar first: a crash in between leaves a segment without
+                # one (rebuilt when needed), never an orphan sidecar.
+                for path in (_index_path(segment.path), segment.path):
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass  # another process's retention got there first
+                self.sealed_indexes.pop(segment.base_offset, None)
                 reason = "expired" if expired else "over retention_bytes"
                 report.deleted_segments += 1
                 report.deleted_records += segment_end - segment.base_offset
@@ -691,6 +954,19 @@ class _Partition:
                 if self._sync_policy():
                     _fsync_dir(self.directory)
                 log._note_bytes(-sum(sizes[:deleted]))
+            self._delete_orphan_sidecars()
+
+    def _delete_orphan_sidecars(self) -> None:
+        """Delete sidecars whose segment is gone (a reader may rebuild one for a
+        segment that retention deletes meanwhile). Call with the flock held."""
+        bases = {segment.base_offset for segment in self.segments}
+        for name in os.listdir(self.directory):
+            match = _INDEX_NAME.match(name)
+            if match and int(match.group(1)) not in bases:
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                except FileNotFoundError:
+                    pass
 
 
 class _Flock:
@@ -997,6 +1273,23 @@ class EmbeddedLog(Log):
                         )
                     partition.apply_retention(now, min_committed, report)
         return report
+
+    def index_stats(self) -> dict[str, int]:
+        """What the batch index holds in this process's memory, over the
+        partitions it opened: ``batches`` (entries of 24 B: the active
+        segments' plus the cached sealed ones'), ``segments`` (known, each a
+        small summary) and ``cached_segments`` (sealed ones with a full index).
+        """
+        with self._lock:
+            partitions = list(self._partitions.values())
+        batches = segments = cached = 0
+        for partition in partitions:
+            with partition.lock:
+                held, known = partition.index_stats()
+                batches += held
+                segments += known
+                cached += len(partition.sealed_indexes)
+        return {"batches": batches, "segments": segments, "cached_segments": cached}
 
     def size_bytes(self) -> int:
         """Total bytes of all segment files in the directory, counted now."""
