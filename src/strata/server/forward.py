@@ -178,7 +178,7 @@ def parse_head(data: bytes) -> ResponseHead:
     return ResponseHead(status, headers, length, chunked, close)
 
 
-def _request_target(scope: Scope) -> bytes | None:
+def request_target(scope: Scope) -> bytes | None:
     """The raw path and query for the request line; None if a byte in them
     cannot be carried by one (a control character or a space). Bytes above
     0x7f are percent-encoded as themselves."""
@@ -237,7 +237,7 @@ class CoreForwarder:
     # -- ASGI ------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert scope["type"] == "http", scope["type"]
-        target = _request_target(scope)
+        target = request_target(scope)
         if target is None:
             await _send_json(send, 400, {"error": "path: holds a character no URL can carry"})
             return
