@@ -89,7 +89,6 @@ class EventRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
 
 EVENT_FIELDS: tuple[str, ...] = EventRecord.__struct_fields__
 
-_event_decoder = msgspec.json.Decoder(EventIn)
 _record_encoder = msgspec.json.Encoder()
 record_decoder = msgspec.json.Decoder(EventRecord)
 
@@ -125,8 +124,68 @@ def partition_for(
     return zlib.crc32(key.encode()) % partitions
 
 
+class NormalizedEvent(msgspec.Struct, kw_only=True, gc=False):
+    """An accepted event as ``Normalizer`` hands it on: the attributes of
+    ``EventRecord``, and ``_record_encoder.encode`` of it is byte for byte
+    the ``EventRecord`` JSON (``timestamp`` is ``UNSET`` by then, so it is
+    left out).
+
+    It is also the decode target of a client event, so that accepting an
+    event costs one decode, a few attribute stores and one encode, with no
+    second object. That is why the fields are ``EventIn``'s, with
+    ``EventIn``'s types (a test checks it: the validation messages are the
+    same), laid out in ``EventRecord``'s order. ``distinct_id``, ``ts`` and
+    ``received_at`` are not client fields: a client value for them is
+    decoded as ``Raw`` (any JSON, as an unknown field would be skipped) and
+    always overwritten. Not GC-tracked: it holds only strings and numbers."""
+
+    event_id: ID | None = ""
+    event_type: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    user_id: ID | int | None = ""
+    anonymous_id: ID | None = ""
+    distinct_id: msgspec.Raw = msgspec.Raw(b"")
+    session_id: Dim | None = ""
+    ts: msgspec.Raw = msgspec.Raw(b"")
+    received_at: msgspec.Raw = msgspec.Raw(b"")
+    country: Dim | None = ""
+    platform: Dim | None = ""
+    os: Dim | None = ""
+    app_version: Dim | None = ""
+    path: Annotated[str, msgspec.Meta(max_length=2048)] | None = ""
+    referrer: Annotated[str, msgspec.Meta(max_length=2048)] | None = ""
+    revenue: float | None = 0.0
+    currency: Dim | None = ""
+    properties: msgspec.Raw = msgspec.Raw(b"")
+    timestamp: int | datetime | None = None
+
+
+_event_decoder = msgspec.json.Decoder(NormalizedEvent)
+# The string fields a client may send as null (normalized to "").
+_NULLABLE_TEXT = ("anonymous_id", "session_id") + DIMENSIONS
+_UNSET = msgspec.UNSET
+
+
+class NormalizedBatch:
+    """The outcome of normalizing one request's events, column-wise.
+
+    ``partitions[i]``, ``records[i]`` and ``events[i]`` describe the i-th
+    accepted event (input order): its log partition, its log record as
+    ``Producer.produce_many`` takes it (``(None, value)``: no key) and the
+    ``NormalizedEvent`` that was encoded. ``rejected`` holds one entry per
+    rejected event, by input index, in input order."""
+
+    __slots__ = ("partitions", "records", "events", "rejected")
+
+    def __init__(self) -> None:
+        self.partitions: list[int] = []
+        self.records: list[tuple[None, bytes]] = []
+        self.events: list[NormalizedEvent] = []
+        self.rejected: list[RejectedEvent] = []
+
+
 class Normalizer:
-    """Turns raw client events into ``(partition, record_bytes)`` pairs."""
+    """Turns raw client events into log records (``NormalizedBatch``) and
+    rejections with a reason, one per bad event."""
 
     def __init__(
         self,
@@ -144,6 +203,10 @@ class Normalizer:
         self.max_event_bytes = max_event_bytes
         self.hot_keys = frozenset(hot_keys)
         self.salt_buckets = salt_buckets
+        # distinct_id -> partition for keys that are not salted: most events
+        # of a batch belong to users seen before, and a dict hit is cheaper
+        # than encoding and hashing the key again.
+        self._partition_of: dict[str, int] = {}
 
     def normalize(
         self,
@@ -151,45 +214,101 @@ class Normalizer:
         *,
         sent_at_ms: int | None,
         received_at_ms: int,
-    ) -> tuple[list[tuple[int, bytes, EventRecord]], list[RejectedEvent]]:
-        accepted: list[tuple[int, bytes, EventRecord]] = []
-        rejected: list[RejectedEvent] = []
+    ) -> tuple[list[tuple[int, bytes, NormalizedEvent]], list[RejectedEvent]]:
+        """``normalize_batch`` as ``(partition, record_bytes, event)``
+        triples and the rejections."""
+        batch = self.normalize_batch(
+            raw_events, sent_at_ms=sent_at_ms, received_at_ms=received_at_ms
+        )
+        accepted = [
+            (partition, record[1], event)
+            for partition, record, event in zip(
+                batch.partitions, batch.records, batch.events, strict=True
+            )
+        ]
+        return accepted, batch.rejected
+
+    def normalize_batch(
+        self,
+        raw_events: Sequence[bytes | msgspec.Raw],
+        *,
+        sent_at_ms: int | None,
+        received_at_ms: int,
+    ) -> NormalizedBatch:
+        """Validate and normalize each event on its own (module docstring).
+        Event ids the client left out are random; everything else is a
+        function of the input, ``sent_at_ms`` and ``received_at_ms``."""
+        batch = NormalizedBatch()
+        partitions, records, events = batch.partitions, batch.records, batch.events
+        rejected = batch.rejected
         skew = 0 if sent_at_ms is None else received_at_ms - sent_at_ms
         oldest = received_at_ms - self.max_event_age_ms
         newest = received_at_ms + self.max_future_skew_ms
+        max_event_bytes = self.max_event_bytes
         fresh_ids = os.urandom(16 * len(raw_events)).hex()
+        partition_of = self._partition_of
+        if len(partition_of) > 100_000:
+            partition_of.clear()
+        decode = _event_decoder.decode
+        encode = _record_encoder.encode
         for index, raw in enumerate(raw_events):
-            if len(raw) > self.max_event_bytes:
-                rejected.append(
-                    RejectedEvent(index, f"event: larger than {self.max_event_bytes} bytes")
-                )
+            if len(raw) > max_event_bytes:
+                rejected.append(RejectedEvent(index, f"event: larger than {max_event_bytes} bytes"))
                 continue
             try:
-                event = _event_decoder.decode(raw)
+                event = decode(raw)
             except msgspec.ValidationError as exc:
                 rejected.append(RejectedEvent(index, _validation_message(exc)))
                 continue
             except msgspec.DecodeError as exc:
                 rejected.append(RejectedEvent(index, f"event: invalid JSON: {exc}"))
                 continue
-            user_id = "" if event.user_id is None else str(event.user_id)
-            anonymous_id = event.anonymous_id or ""
-            distinct_id = user_id or anonymous_id
+            except UnicodeDecodeError as exc:
+                rejected.append(RejectedEvent(index, _invalid_utf8(exc)))
+                continue
+            if (  # an explicit null (rare) is stored as ""
+                event.anonymous_id is None
+                or event.session_id is None
+                or event.country is None
+                or event.platform is None
+                or event.os is None
+                or event.app_version is None
+                or event.path is None
+                or event.referrer is None
+                or event.currency is None
+            ):
+                for name in _NULLABLE_TEXT:
+                    if getattr(event, name) is None:
+                        setattr(event, name, "")
+            user_id = event.user_id
+            if user_id.__class__ is not str:
+                event.user_id = user_id = "" if user_id is None else str(user_id)
+            distinct_id = user_id or event.anonymous_id
             if not distinct_id:
-                rejected.append(RejectedEvent(index, "user_id: one of user_id or anonymous_id is required"))
+                rejected.append(
+                    RejectedEvent(index, "user_id: one of user_id or anonymous_id is required")
+                )
                 continue
-            properties = bytes(event.properties).strip()
-            if not properties or properties == b"null":
-                properties_text = "{}"
-            elif properties[:1] != b"{":
-                rejected.append(RejectedEvent(index, "properties: expected an object"))
-                continue
+            if not event.properties:
+                event.properties = "{}"  # type: ignore[assignment]
             else:
-                properties_text = properties.decode()
-            if event.timestamp is None:
+                properties = bytes(event.properties).strip()
+                if properties[:1] == b"{":
+                    try:
+                        event.properties = properties.decode()  # type: ignore[assignment]
+                    except UnicodeDecodeError as exc:
+                        rejected.append(RejectedEvent(index, _invalid_utf8(exc)))
+                        continue
+                elif properties == b"null":
+                    event.properties = "{}"  # type: ignore[assignment]
+                else:
+                    rejected.append(RejectedEvent(index, "properties: expected an object"))
+                    continue
+            timestamp = event.timestamp
+            if timestamp is None:
                 ts = received_at_ms
             else:
-                ts = to_epoch_ms(event.timestamp) + skew
+                ts = to_epoch_ms(timestamp) + skew
                 if ts > newest:
                     ts = received_at_ms
                 elif ts < oldest:
@@ -197,35 +316,38 @@ class Normalizer:
                         RejectedEvent(index, "timestamp: older than ingest.max_event_age")
                     )
                     continue
-            event_id = event.event_id or fresh_ids[32 * index : 32 * index + 32]
             revenue = event.revenue
-            if revenue is not None and revenue != revenue:  # NaN
+            if not revenue:  # None, and -0.0 (stored as 0.0)
+                event.revenue = 0.0
+            elif revenue != revenue:  # NaN
                 rejected.append(RejectedEvent(index, "revenue: must be a finite number"))
                 continue
-            record = EventRecord(
-                event_id=event_id,
-                event_type=event.event_type,
-                user_id=user_id,
-                anonymous_id=anonymous_id,
-                distinct_id=distinct_id,
-                session_id=event.session_id or "",
-                ts=ts,
-                received_at=received_at_ms,
-                country=event.country or "",
-                platform=event.platform or "",
-                os=event.os or "",
-                app_version=event.app_version or "",
-                path=event.path or "",
-                referrer=event.referrer or "",
-                revenue=revenue or 0.0,
-                currency=event.currency or "",
-                properties=properties_text,
-            )
-            partition = partition_for(
-                distinct_id, event_id, self.partitions, self.hot_keys, self.salt_buckets
-            )
-            accepted.append((partition, _record_encoder.encode(record), record))
-        return accepted, rejected
+            event_id = event.event_id
+            if not event_id:
+                event.event_id = event_id = fresh_ids[32 * index : 32 * index + 32]
+            # The record's values replace the Raw placeholders.
+            event.distinct_id = distinct_id  # type: ignore[assignment]
+            event.ts = ts  # type: ignore[assignment]
+            event.received_at = received_at_ms  # type: ignore[assignment]
+            event.timestamp = _UNSET  # type: ignore[assignment]
+            partition = partition_of.get(distinct_id)
+            if partition is None:
+                partition = partition_for(
+                    distinct_id, event_id, self.partitions, self.hot_keys, self.salt_buckets
+                )
+                if distinct_id not in self.hot_keys:
+                    partition_of[distinct_id] = partition
+            partitions.append(partition)
+            records.append((None, encode(event)))
+            events.append(event)
+        return batch
+
+
+def _invalid_utf8(exc: UnicodeDecodeError) -> str:
+    # msgspec validates UTF-8 only in the strings it decodes, and says so
+    # with a UnicodeDecodeError (not a DecodeError), whose offsets are
+    # relative to that string: name the problem, not the position.
+    return f"event: invalid JSON: not valid UTF-8 ({exc.reason})"
 
 
 def _validation_message(exc: msgspec.ValidationError) -> str:
