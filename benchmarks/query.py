@@ -30,6 +30,7 @@ Results go to the "Query layer" section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import statistics
@@ -114,6 +115,27 @@ def measure(fn: Callable[[], Any], runs: int) -> list[float]:
         fn()
         out.append((time.perf_counter() - started) * 1000)
     return out
+
+
+def measure_with_gc(
+    fn: Callable[[], Any], runs: int
+) -> tuple[list[float], list[tuple[int, float]]]:
+    """``measure(fn, runs)`` plus every garbage collection that ran meanwhile,
+    as (generation, ms)."""
+    pauses: list[tuple[int, float]] = []
+    started_at: list[float] = []
+
+    def on_gc(event: str, info: dict[str, Any]) -> None:
+        if event == "start":
+            started_at.append(time.perf_counter())
+        elif started_at:
+            pauses.append((info["generation"], (time.perf_counter() - started_at.pop()) * 1000))
+
+    gc.callbacks.append(on_gc)
+    try:
+        return measure(fn, runs), pauses
+    finally:
+        gc.callbacks.remove(on_gc)
 
 
 def _cell(pair: tuple[float, float]) -> str:
@@ -325,6 +347,25 @@ def main(argv: list[str] | None = None) -> None:
     last_bucket = _utc(end_day - 300_000)
     views_route = pipeline.query.router.route(sandbox.check(views_sql))
     views_raw = pipeline.query.router.raw(sandbox.check(views_sql))
+    # What the floor is made of (decision 098): the same 24 h of rollup rows
+    # read without GROUP BY, a GROUP BY + ORDER BY of 10 generated rows (no
+    # table at all), and the routed query on a month-partitioned copy of the
+    # rollup (one INSERT, so one part per month, like the settled live table's
+    # one part per day).
+    views_table = "rollup_page_views_by_country_5m"
+    month_copy = "bench_rollup_page_views_by_country_5m_month"
+    store.command(f"DROP TABLE IF EXISTS {month_copy}")
+    store.command(
+        f"CREATE TABLE {month_copy} AS {views_table} ENGINE = AggregatingMergeTree "
+        "PARTITION BY toYYYYMM(window_start) ORDER BY (window_start, country)"
+    )
+    store.command(f"INSERT INTO {month_copy} SELECT * FROM {views_table}")
+    month_sql = views_route.sql.replace(views_table, month_copy)
+    day_rows_sql = (
+        f"SELECT window_start, country, finalizeAggregation(views) FROM {views_table} "
+        f"WHERE window_start >= '{_utc(end_day - DAY_MS)}' AND window_start < '{_utc(end_day)}'"
+    )
+    tiny_group_sql = "SELECT number % 3 AS k, count() FROM numbers(10) GROUP BY k ORDER BY k"
     interleaved = {
         ("chDB floor", "SELECT 1"): lambda: store.query_rows("SELECT 1"),
         ("chDB floor", "one-row rollup read"): lambda: store.query_rows(
@@ -340,10 +381,15 @@ def main(argv: list[str] | None = None) -> None:
         ("page views by country / 5 min, 24 h", "store: raw"): lambda: store.query_rows(
             views_raw.sql
         ),
+        ("chDB floor", "GROUP BY + ORDER BY, 10 rows"): lambda: store.query_rows(tiny_group_sql),
+        ("chDB floor", "24 h rollup rows, no GROUP BY"): lambda: store.query_rows(day_rows_sql),
+        ("page views by country / 5 min, 24 h", "store: routed, month parts"): (
+            lambda: store.query_rows(month_sql)
+        ),
     }
     _, part_rows = store.query_rows(
         "SELECT table, count() FROM system.parts WHERE active AND database = currentDatabase() "
-        "AND table IN ('events', 'rollup_page_views_by_country_5m') GROUP BY table"
+        f"AND table IN ('events', '{views_table}', '{month_copy}') GROUP BY table"
     )
     parts = {str(table): int(n) for table, n in part_rows}
     timings: dict[tuple[str, str], list[float]] = {key: [] for key in interleaved}
@@ -361,6 +407,44 @@ def main(argv: list[str] | None = None) -> None:
             f"p99 {results[row][column][1]:9.2f} ms (interleaved)",
             flush=True,
         )
+
+    store.command(f"DROP TABLE IF EXISTS {month_copy}")
+
+    # Where the p99 tail of a rollup-served request comes from: the page-views
+    # request again, with every garbage collection timed (gc.callbacks); then
+    # the same after gc.freeze() of the heap built so far, which takes the
+    # start-up objects out of the full (generation 2) collections.
+    page_views = get(
+        "/v1/metrics/count",
+        {**day, "granularity": "5m", "group_by": "country", "event_type": "page_view"},
+    )
+    gc_runs = args.runs * 4
+    gc_report: dict[str, dict[str, Any]] = {}
+    for phase in ("as is", "after gc.freeze()"):
+        if phase != "as is":
+            gc.collect()
+            gc.freeze()
+        walls, pauses = measure_with_gc(page_views, gc_runs)
+        full = [ms for generation, ms in pauses if generation == 2]
+        gc_report[phase] = {
+            "p50_p99": p50_p99(walls),
+            "full": len(full),
+            "full_max": max(full, default=0.0),
+            "full_median": statistics.median(full) if full else 0.0,
+            "tracked": len(gc.get_objects()),
+        }
+        print(f"  gc {phase}: {gc_report[phase]}", flush=True)
+    gc.unfreeze()
+    gc_as_is, gc_frozen = gc_report["as is"], gc_report["after gc.freeze()"]
+    gc_note = (
+        f"p99 tails: the page-views API request {gc_runs} more times with every garbage "
+        f"collection timed: p50 / p99 {_cell(gc_as_is['p50_p99'])} ms, "
+        f"{gc_as_is['full']} full (generation 2) collections inside requests "
+        f"(median {gc_as_is['full_median']:.1f} ms, max {gc_as_is['full_max']:.1f} ms; "
+        f"{gc_as_is['tracked']:,} objects tracked); after `gc.freeze()` of the heap built so "
+        f"far: {_cell(gc_frozen['p50_p99'])} ms, {gc_frozen['full']} full collections "
+        f"(median {gc_frozen['full_median']:.1f} ms, max {gc_frozen['full_max']:.1f} ms)."
+    )
 
     # Cache hits: the same requests on a service with the cache on.
     pipeline._query = None
@@ -536,6 +620,8 @@ def main(argv: list[str] | None = None) -> None:
         "SELECT 1",
         "one-row rollup read",
         "sandbox + route (Python)",
+        "GROUP BY + ORDER BY, 10 rows",
+        "24 h rollup rows, no GROUP BY",
         "API: cold",
         "metrics API",
         "store: day_answers",
@@ -543,6 +629,7 @@ def main(argv: list[str] | None = None) -> None:
         "to now (service)",
         "SQL API",
         "store: routed",
+        "store: routed, month parts",
         "store: raw",
         "cache hit (API)",
         "cache hit (SQL)",
@@ -603,10 +690,18 @@ def main(argv: list[str] | None = None) -> None:
         f"read {floor:.2f} ms (p50); raw page views ({views_raw:.1f} ms) are "
         f"{views_raw / floor:.1f}x that floor, so no query on that rollup, however small, can "
         f"be more than about {views_raw / floor:.1f}x faster than raw there (active parts: "
-        f"`events` {parts.get('events', 0)}, `rollup_page_views_by_country_5m` "
-        f"{parts.get('rollup_page_views_by_country_5m', 0)}; both are partitioned by day). "
-        "DAU from "
+        f"`events` {parts.get('events', 0)}, `{views_table}` {parts.get(views_table, 0)}; both "
+        "are partitioned by day). What the floor is made of (decision 098): a GROUP BY + ORDER "
+        "BY of 10 generated rows, no table, costs "
+        f"{results['chDB floor']['GROUP BY + ORDER BY, 10 rows'][0]:.2f} ms; the routed "
+        "query's 24 h of rollup rows read without GROUP BY "
+        f"{results['chDB floor']['24 h rollup rows, no GROUP BY'][0]:.2f} ms; the routed query "
+        f"on a month-partitioned copy of the rollup ({parts.get(month_copy, 0)} parts) "
+        f"{results['page views by country / 5 min, 24 h']['store: routed, month parts'][0]:.2f}"
+        " ms. DAU from "
         f"`day_answers` vs raw DAU on the store: {dau_raw / dau_answers:.0f}x.",
+        "",
+        gc_note,
         "",
         f"Router vs raw on the store (p50): DAU {dau_speedup:.1f}x, page views "
         f"{views_speedup:.1f}x, events by type per day {types_speedup:.0f}x. "
