@@ -759,12 +759,20 @@ class _Partition:
         self.refresh(relist=True)
         segments = self.segments
         low, high = 0, len(segments)
-        # First segment whose newest batch is at or after timestamp_ms.
+        # First segment whose newest batch is at or after timestamp_ms. An
+        # empty newest segment (rolled, its first batch not yet written) counts
+        # as newer than everything: it holds the end offset. Treating it as
+        # older broke the search's monotone order and answered the end offset
+        # for timestamps of the previous segment.
+        newest_index = len(segments) - 1
         while low < high:
             middle = (low + high) // 2
             segment = segments[middle]
             self.ensure_indexed(segment)
-            if segment.max_timestamp is not None and segment.max_timestamp >= timestamp_ms:
+            newest = segment.max_timestamp
+            if (newest is None and middle == newest_index) or (
+                newest is not None and newest >= timestamp_ms
+            ):
                 high = middle
             else:
                 low = middle + 1
@@ -773,7 +781,7 @@ class _Partition:
         segment = segments[low]
         batches = self.batches_of(segment)
         index = bisect.bisect_left(batches.timestamps, timestamp_ms)
-        if index == len(batches):  # the file vanished under us (retention)
+        if index == len(batches):  # the empty newest segment, or its file vanished (retention)
             return segment.base_offset
         return batches.offsets[index]
 
