@@ -258,16 +258,31 @@ class IngestService:
         received = now_ms() if received is None else received
         sent_at_ms = None if sent_at is None else to_epoch_ms(sent_at)
         indexes = list(range(len(raw_events))) if indexes is None else indexes
-        accepted, rejected = self.normalizer.normalize(
+        batch = self.normalizer.normalize_batch(
             raw_events, sent_at_ms=sent_at_ms, received_at_ms=received
         )
-        accepted, quarantined, refused = self.check_schemas(
-            raw_events, accepted, rejected, indexes
-        )
+        rejected = batch.rejected
+        self.registry.maybe_reload()
+        quarantined: list[tuple[int, bytes]] = []
+        refused: list[tuple[int, str]] = []
+        if self.registry.in_use:
+            accepted = [
+                (partition, record[1], event)
+                for partition, record, event in zip(
+                    batch.partitions, batch.records, batch.events, strict=True
+                )
+            ]
+            accepted, quarantined, refused = self.check_schemas(
+                raw_events, accepted, rejected, indexes
+            )
+            partitions = [partition for partition, _, _ in accepted]
+            records: list[tuple[None, bytes]] = [(None, value) for _, value, _ in accepted]
+        else:  # no schemas: the normalizer's columns go to the log as they are
+            partitions, records = batch.partitions, batch.records
         all_rejected = sorted(
             [(indexes[r.index], r.error) for r in rejected] + refused + (rejected_before or [])
         )
-        appends = [self.committer.append([(partition, value) for partition, value, _ in accepted])]
+        appends = [self.committer.append_records(partitions, records)]
         if quarantined:
             appends.append(self.side_committer("quarantine").append(quarantined))
         if identities:
@@ -278,14 +293,14 @@ class IngestService:
             raise RequestError(503, f"log: full ({exc}); retry later", {"Retry-After": "5"}) from exc
         except LogError as exc:
             raise RequestError(503, f"log: append failed ({exc}); retry later", {"Retry-After": "1"}) from exc
-        REGISTRY.inc("strata_ingest_events_total", len(accepted))
+        REGISTRY.inc("strata_ingest_events_total", len(records))
         if all_rejected:
             REGISTRY.inc("strata_ingest_rejected_total", len(all_rejected))
         if quarantined:
             REGISTRY.inc("strata_ingest_quarantined_total", len(quarantined))
         REGISTRY.observe("strata_ingest_append_seconds", time.perf_counter() - started)
         result: dict[str, Any] = {
-            "accepted": len(accepted),
+            "accepted": len(records),
             "rejected": [{"index": index, "error": error} for index, error in all_rejected],
         }
         if quarantined:

@@ -20,6 +20,7 @@ from strata.log.base import Log
 log = logging.getLogger("strata.ingest")
 
 Items = list[tuple[int, bytes]]
+Record = tuple[None, bytes]  # (key, value) as Producer.produce_many takes it
 
 
 class GroupCommitter:
@@ -28,7 +29,7 @@ class GroupCommitter:
         self.producer = log_.producer()
         self.max_group_records = max_group_records
         self._queue: queue.SimpleQueue[
-            tuple[Items, asyncio.AbstractEventLoop, asyncio.Future[None]] | None
+            tuple[list[int], list[Record], asyncio.AbstractEventLoop, asyncio.Future[None]] | None
         ] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
@@ -36,11 +37,19 @@ class GroupCommitter:
     async def append(self, items: Items) -> None:
         """Append ``(partition, value)`` records; returns once durable.
         Raises the log's error (``LogFull``/``LogError``) if the flush failed."""
-        if not items:
+        await self.append_records(
+            [partition for partition, _ in items], [(None, value) for _, value in items]
+        )
+
+    async def append_records(self, partitions: list[int], records: list[Record]) -> None:
+        """``append`` in columns: ``records[i]`` goes to ``partitions[i]``
+        (the form ``Normalizer.normalize_batch`` produces, so the request
+        path builds no per-record objects of its own). Same guarantees."""
+        if not records:
             return
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._queue.put((items, loop, future))
+        self._queue.put((partitions, records, loop, future))
         await future
 
     def _run(self) -> None:
@@ -49,7 +58,7 @@ class GroupCommitter:
             if first is None:
                 return
             group = [first]
-            count = len(first[0])
+            count = len(first[1])
             while count < self.max_group_records:
                 try:
                     nxt = self._queue.get_nowait()
@@ -59,20 +68,20 @@ class GroupCommitter:
                     self._queue.put(None)
                     break
                 group.append(nxt)
-                count += len(nxt[0])
+                count += len(nxt[1])
             error: BaseException | None = None
             try:
-                by_partition: dict[int, list[tuple[bytes | None, bytes]]] = defaultdict(list)
-                for items, _, _ in group:
-                    for partition, value in items:
-                        by_partition[partition].append((None, value))
-                for partition, records in by_partition.items():
-                    self.producer.produce_many(self.topic, partition, records)
+                by_partition: dict[int, list[Record]] = defaultdict(list)
+                for partitions, records, _, _ in group:
+                    for partition, record in zip(partitions, records, strict=True):
+                        by_partition[partition].append(record)
+                for partition, grouped in by_partition.items():
+                    self.producer.produce_many(self.topic, partition, grouped)
                 self.producer.flush()
             except BaseException as exc:  # every waiter must hear about it
                 error = exc
                 log.warning("group commit of %d records failed: %s", count, exc)
-            for _, loop, future in group:
+            for _, _, loop, future in group:
                 loop.call_soon_threadsafe(_resolve, future, error)
 
     def close(self) -> None:
