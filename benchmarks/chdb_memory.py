@@ -344,11 +344,10 @@ def core_child(
             row["arrow_allocated"] = pa.total_allocated_bytes()
             archiver = pipeline.components.get("archiver")
             row["archiver_buffered"] = sum(b.nbytes for b in archiver.buffers.values())
-            row["log_index_batches"] = sum(
-                len(segment.positions)
-                for partition in pipeline.log._partitions.values()
-                for segment in partition.segments
-            )
+            # Batch index entries (24 B each) the core holds; bounded since decision 099.
+            index = pipeline.log.index_stats() if hasattr(pipeline.log, "index_stats") else {}
+            row["log_index_batches"] = index.get("batches", 0)
+            row["log_index_segments"] = index.get("segments", 0)
             row["processor_groups"] = pipeline.components["processor"].engine.groups_held
             row["loader_lag"] = sum(loader.lag() for loader in pipeline.loaders.values())
             samples.append(row)
