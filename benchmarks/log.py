@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
                         help="embedded log.segment_bytes (small values roll and seal often)")
     args = parser.parse_args(argv)
     records = make_records(args.records)
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     mean_bytes = sum(len(v) for _, v in records) / len(records)
     backends: dict[str, Callable[[], AbstractContextManager[Log]]] = {
         "embedded, fsync=always": lambda: embedded("always", args.segment_bytes),
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
         results[name] = {"produce": produce, "consume": consume}
         print(f"{name}: produce {fmt(produce, '/s')}, consume {fmt(consume, '/s')}", flush=True)
 
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
     rows = "\n".join(
         f"| {name} | {fmt(r['produce'])} | {fmt([v * mean_bytes / 2**20 for v in r['produce']], '', 1)}"
         f" | {fmt(r['consume'])} |"
@@ -146,6 +148,9 @@ records/s through the `Log` interface, median of {args.runs} runs (min–max), {
 normalized events of {mean_bytes:.0f} bytes on average over {PARTITIONS} partitions, one
 producer flush (durable acknowledgement) every {args.flush_every:,} records, one consumer
 reading all partitions with `poll_batches`. One process, one thread per side.
+Embedded `log.segment_bytes` = {args.segment_bytes:,}. Load average (1/5/15 min) before:
+{" ".join(load_before)}, after: {" ".join(load_after)} (other jobs share the machine; fsync
+figures depend on what else writes to the disk).
 
 | backend | produce records/s | produce MiB/s | consume records/s |
 |---|---|---|---|
