@@ -32,8 +32,8 @@ from strata.events import (
     NormalizedEvent,
     Normalizer,
     RejectedEvent,
-    _invalid_utf8,
     _validation_message,
+    invalid_utf8_message,
     partition_for,
     to_epoch_ms,
 )
@@ -93,7 +93,7 @@ class ReferenceNormalizer:
                 rejected.append(RejectedEvent(index, f"event: invalid JSON: {exc}"))
                 continue
             except UnicodeDecodeError as exc:  # CHANGED: was unhandled (HTTP 500)
-                rejected.append(RejectedEvent(index, _invalid_utf8(exc)))
+                rejected.append(RejectedEvent(index, invalid_utf8_message(exc)))
                 continue
             user_id = "" if event.user_id is None else str(event.user_id)
             anonymous_id = event.anonymous_id or ""
@@ -113,7 +113,7 @@ class ReferenceNormalizer:
                 try:
                     properties_text = properties.decode()
                 except UnicodeDecodeError as exc:  # CHANGED: was unhandled (HTTP 500)
-                    rejected.append(RejectedEvent(index, _invalid_utf8(exc)))
+                    rejected.append(RejectedEvent(index, invalid_utf8_message(exc)))
                     continue
             if event.timestamp is None:
                 ts = received_at_ms
@@ -460,3 +460,173 @@ def events(draw: st.DrawFn) -> Any:
 def test_generated_batches(batch: list[Any], skew: int | None) -> None:
     raws = [json.dumps(event, ensure_ascii=False).encode() for event in batch]
     compare(raws, sent_at_ms=None if skew is None else RECEIVED + skew)
+
+
+@pytest.fixture
+def ingest_client(tmp_path: Any) -> Iterator[Any]:
+    """The ingest routes in-process over a real embedded log."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from strata.auth import Keyring
+    from strata.config import load_config
+    from strata.ingest.app import IngestService, ingest_routes
+    from strata.ingest.committer import GroupCommitter
+    from strata.log import open_log
+
+    config = load_config(
+        overrides={"data_dir": str(tmp_path), "auth.write_keys": ["wk"], "log.fsync": "never"},
+        environ={},
+    )
+    log = open_log(config)
+    committer = GroupCommitter(log)
+    service = IngestService(config, committer, Keyring(config), log=log)
+    try:
+        with TestClient(Starlette(routes=ingest_routes(service))) as client:
+            client.headers["Authorization"] = "Bearer wk"
+            client.strata_service = service  # type: ignore[attr-defined]
+            yield client
+    finally:
+        committer.close()
+        log.close()
+
+
+GOOD = b'{"event_type": "a", "user_id": "u"}'
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "answer"),
+    [
+        # in an event: that event is rejected, the others are accepted
+        (
+            "/v1/batch",
+            b'{"batch": [' + GOOD + b', {"event_type": "a", "user_id": "\xff"}]}',
+            200,
+            {
+                "accepted": 1,
+                "rejected": [
+                    {
+                        "index": 1,
+                        "error": "event: invalid JSON: not valid UTF-8 (invalid start byte)",
+                    }
+                ],
+            },
+        ),
+        (
+            "/v1/batch",
+            b'{"batch": [{"event_type": "a", "user_id": "u", "properties": '
+            b'{"k": "\xc3("}}, ' + GOOD + b"]}",
+            200,
+            {
+                "accepted": 1,
+                "rejected": [
+                    {
+                        "index": 0,
+                        "error": "event: invalid JSON: not valid UTF-8 (invalid continuation byte)",
+                    }
+                ],
+            },
+        ),
+        # not readable as a Segment message, so a native event without event_type
+        (
+            "/v1/batch",
+            b'{"batch": [{"type": "\xff", "userId": "u"}, ' + GOOD + b"]}",
+            200,
+            {
+                "accepted": 1,
+                "rejected": [{"index": 0, "error": "event_type: required field missing"}],
+            },
+        ),
+        (
+            "/v1/batch",
+            b'{"sentAt": "2026-01-01T00:00:00Z", "batch": [{"type": "track", '
+            b'"event": "\xff", "userId": "u"}]}',
+            200,
+            {
+                "accepted": 0,
+                "rejected": [
+                    {
+                        "index": 0,
+                        "error": "event: invalid JSON: not valid UTF-8 (invalid start byte)",
+                    }
+                ],
+            },
+        ),
+        # in the request itself: 400 naming the body
+        (
+            "/v1/batch",
+            b'{"batch": [' + GOOD + b'], "context": {"a": "\xff"}}',
+            400,
+            {"error": "body: malformed JSON: not valid UTF-8 (invalid start byte)"},
+        ),
+        (
+            "/v1/batch",
+            b'{"batch": [' + GOOD + b'], "write_key": "\xff"}',
+            400,
+            {"error": "body: malformed JSON: not valid UTF-8 (invalid start byte)"},
+        ),
+        (
+            "/v1/track",
+            b'{"event_type": "a", "\xff": "u"}',
+            400,
+            {"error": "body: malformed JSON: not valid UTF-8 (invalid start byte)"},
+        ),
+        (
+            "/v1/track",
+            b'{"event_type": "a", "user_id": "\xff"}',
+            400,
+            {"error": "event: invalid JSON: not valid UTF-8 (invalid start byte)"},
+        ),
+    ],
+)
+def test_invalid_utf8_is_a_clear_4xx_or_rejection(
+    ingest_client: Any, path: str, body: bytes, status: int, answer: dict[str, Any]
+) -> None:
+    """msgspec reports invalid UTF-8 as UnicodeDecodeError, which used to
+    escape as an HTTP 500."""
+    response = ingest_client.post(path, content=body)
+    assert (response.status_code, response.json()) == (status, answer)
+
+
+def test_accepted_events_reach_the_log_as_normalized(ingest_client: Any) -> None:
+    """What /v1/batch acknowledges is in the log: per partition, in order,
+    byte for byte what the reference normalizer makes of the same events at
+    the same received_at."""
+    from strata.events import record_decoder
+
+    service = ingest_client.strata_service
+    events = [
+        json.dumps({**event, "event_id": f"id-{index}"}).encode()
+        for index, event in enumerate(corpus())
+        if isinstance(event, dict)
+    ]
+    response = ingest_client.post("/v1/batch", content=b'{"batch": [' + b", ".join(events) + b"]}")
+    assert response.status_code == 200
+    answer = response.json()
+    partitions = service.config.log.partitions
+    consumer = service._log.consumer("test", "events")
+    consumer.assign(list(range(partitions)))
+    stored: dict[int, list[bytes]] = {}
+    for _ in range(100):
+        for record in consumer.poll(1000, timeout_s=0.1):
+            stored.setdefault(record.partition, []).append(record.value)
+        if sum(map(len, stored.values())) >= answer["accepted"]:
+            break
+    consumer.close()
+    received_at = record_decoder.decode(next(iter(stored.values()))[0]).received_at
+    reference = ReferenceNormalizer(
+        partitions=partitions,
+        max_future_skew_ms=service.normalizer.max_future_skew_ms,
+        max_event_age_ms=service.normalizer.max_event_age_ms,
+        max_event_bytes=service.normalizer.max_event_bytes,
+    )
+    accepted, rejected = reference.normalize(events, sent_at_ms=None, received_at_ms=received_at)
+    want: dict[int, list[bytes]] = {}
+    for partition, value, _ in accepted:
+        want.setdefault(partition, []).append(value)
+    assert stored == want
+    assert answer == {
+        "accepted": len(accepted),
+        "rejected": [{"index": r.index, "error": r.error} for r in rejected],
+    }
+    assert len(accepted) > 50 and len(rejected) > 30

@@ -267,7 +267,7 @@ class Normalizer:
                 rejected.append(RejectedEvent(index, f"event: invalid JSON: {exc}"))
                 continue
             except UnicodeDecodeError as exc:
-                rejected.append(RejectedEvent(index, _invalid_utf8(exc)))
+                rejected.append(RejectedEvent(index, invalid_utf8_message(exc)))
                 continue
             if (  # an explicit null (rare) is stored as ""
                 event.anonymous_id is None
@@ -300,7 +300,7 @@ class Normalizer:
                     try:
                         event.properties = properties.decode()  # type: ignore[assignment]
                     except UnicodeDecodeError as exc:
-                        rejected.append(RejectedEvent(index, _invalid_utf8(exc)))
+                        rejected.append(RejectedEvent(index, invalid_utf8_message(exc)))
                         continue
                 elif properties == b"null":
                     event.properties = "{}"  # type: ignore[assignment]
@@ -346,10 +346,12 @@ class Normalizer:
         return batch
 
 
-def _invalid_utf8(exc: UnicodeDecodeError) -> str:
-    # msgspec validates UTF-8 only in the strings it decodes, and says so
-    # with a UnicodeDecodeError (not a DecodeError), whose offsets are
-    # relative to that string: name the problem, not the position.
+def invalid_utf8_message(exc: UnicodeDecodeError) -> str:
+    """The rejection reason for an event with invalid UTF-8 in a string.
+
+    msgspec checks UTF-8 only in the strings it decodes, and raises
+    UnicodeDecodeError (not a DecodeError) with offsets relative to that
+    string: name the problem, not the position."""
     return f"event: invalid JSON: not valid UTF-8 ({exc.reason})"
 
 

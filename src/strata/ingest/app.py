@@ -26,7 +26,14 @@ from starlette.routing import Route
 
 from strata.auth import Keyring, bearer
 from strata.config import Config, parse_duration_ms
-from strata.events import BatchIn, Normalizer, now_ms, partition_for, to_epoch_ms
+from strata.events import (
+    BatchIn,
+    Normalizer,
+    invalid_utf8_message,
+    now_ms,
+    partition_for,
+    to_epoch_ms,
+)
 from strata.ingest import segment
 from strata.ingest.committer import GroupCommitter
 from strata.log.base import Log, LogError, LogFull
@@ -335,6 +342,9 @@ class IngestService:
             except (segment.MappingError, msgspec.MsgspecError) as exc:
                 refused.append((index, str(exc)))
                 continue
+            except UnicodeDecodeError as exc:
+                refused.append((index, invalid_utf8_message(exc)))
+                continue
             if what == "identify":
                 record = msgspec.json.decode(mapped)
                 partition = partition_for(
@@ -362,6 +372,8 @@ class IngestService:
             raise RequestError(400, f"body: {_describe(exc)}") from exc
         except msgspec.DecodeError as exc:
             raise RequestError(400, f"body: malformed JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise RequestError(400, f"body: malformed JSON: {_not_utf8(exc)}") from exc
         if len(parsed.batch) > self.max_events:
             raise RequestError(413, f"batch: more than {self.max_events} events")
         if not header_auth:
@@ -392,6 +404,8 @@ class IngestService:
             raise RequestError(400, f"body: {_describe(exc)}") from exc
         except msgspec.DecodeError as exc:
             raise RequestError(400, f"body: malformed JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise RequestError(400, f"body: malformed JSON: {_not_utf8(exc)}") from exc
         if not header_auth:
             self.authorize(request, _body_key(fields))
         if kind is not None or ("event_type" not in fields and ("type" in fields or "event" in fields)):
@@ -416,7 +430,7 @@ SDK_JS = resources.files("strata.sdk").joinpath("sdk.js").read_bytes()
 def _is_segment(first: msgspec.Raw) -> bool:
     try:
         kind = _kind_decoder.decode(first)
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, UnicodeDecodeError):
         return False
     return kind.event_type is None and (kind.type is not None or kind.event is not None)
 
@@ -426,7 +440,7 @@ def _body_key(fields: dict[str, msgspec.Raw]) -> str | None:
         if name in fields:
             try:
                 value = msgspec.json.decode(fields[name])
-            except msgspec.MsgspecError:
+            except (msgspec.MsgspecError, UnicodeDecodeError):
                 return None
             return value if isinstance(value, str) else None
     return None
@@ -439,6 +453,12 @@ def _parse_sent_at(raw: msgspec.Raw | None) -> Any:
         return msgspec.json.decode(raw, type=datetime | int | None)
     except msgspec.MsgspecError as exc:
         raise RequestError(400, f"sent_at: {exc}") from exc
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    # msgspec raises UnicodeDecodeError (not DecodeError) for invalid UTF-8
+    # in a string it decodes; its offsets are relative to that string.
+    return f"not valid UTF-8 ({exc.reason})"
 
 
 def _describe(exc: msgspec.ValidationError) -> str:
