@@ -6,6 +6,7 @@ after a reopen and while another process appends (decision 099)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 import time
 from bisect import bisect_left
@@ -188,11 +189,18 @@ def test_retention_deletes_sidecars_with_their_segments(tmp_path: Path) -> None:
     # An orphan, as a reader that rebuilt a sidecar while retention ran could leave.
     orphan = directory / f"{10**12:020d}.index"
     orphan.write_bytes(b"orphan")
+    # A sidecar write that crashed before its rename, long ago, and one under way.
+    crashed = directory / f".{0:020d}.index.123.456.tmp"
+    crashed.write_bytes(b"partial")
+    os.utime(crashed, (time.time() - 7200, time.time() - 7200))
+    under_way = directory / f".{0:020d}.index.123.789.tmp"
+    under_way.write_bytes(b"partial")
     log = EmbeddedLog(tmp_path, fsync="always", segment_bytes=SEGMENT_BYTES, retention_bytes=1)
     report = log.apply_retention()
     assert report.deleted_segments == len(segments) - 1
     assert segment_names(tmp_path) == segments[-1:]
     assert index_files(tmp_path) == {}
+    assert not crashed.exists() and under_way.exists()
     begin = log.beginning_offsets("t")[0]
     consumer = log.consumer("after", "t")
     consumer.assign([0])

@@ -121,6 +121,9 @@ _SEGMENT_SUFFIX = ".seg"
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.seg$")
 _INDEX_SUFFIX = ".index"
 _INDEX_NAME = re.compile(r"^(\d{20})\.index$")
+# A sidecar's temp file (``_write_file_atomically``) left behind by a crash.
+_INDEX_TEMP_NAME = re.compile(r"^\.\d{20}\.index\.\d+\.\d+\.tmp$")
+_INDEX_TEMP_MAX_AGE_S = 3600
 # magic, crc32 (of everything after it), base_offset, end_offset, segment_size, batch_count;
 # then batch_count int64 file positions, base offsets and max timestamps, little-endian.
 _INDEX_MAGIC = b"STI1"
@@ -966,15 +969,20 @@ class _Partition:
 
     def _delete_orphan_sidecars(self) -> None:
         """Delete sidecars whose segment is gone (a reader may rebuild one for a
-        segment that retention deletes meanwhile). Call with the flock held."""
+        segment that retention deletes meanwhile), and temp files of sidecar
+        writes that crashed (old enough that no write is still under way)."""
         bases = {segment.base_offset for segment in self.segments}
+        stale_before = time.time() - _INDEX_TEMP_MAX_AGE_S
         for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
             match = _INDEX_NAME.match(name)
-            if match and int(match.group(1)) not in bases:
-                try:
-                    os.unlink(os.path.join(self.directory, name))
-                except FileNotFoundError:
-                    pass
+            try:
+                if (match and int(match.group(1)) not in bases) or (
+                    _INDEX_TEMP_NAME.match(name) and os.stat(path).st_mtime < stale_before
+                ):
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 class _Flock:
