@@ -89,6 +89,11 @@ def test_lag_is_visible_while_the_core_stalls_and_ingest_stays_up(server_factory
     lag_lines = [line for line in metrics.splitlines() if line.startswith("strata_log_lag_events{")]
     assert lag_lines, metrics[:2000]
     assert "strata_log_end_offset" in metrics
+    # The core froze its start-up heap (server.gc_freeze, decision 098): full
+    # collections no longer traverse the ~100k objects of its imports.
+    frozen = [line for line in metrics.splitlines()
+              if line.startswith('strata_gc_frozen_objects{process="core"}')]
+    assert frozen and float(frozen[0].split()[-1]) > 10_000, frozen
     # The loader catches up by itself.
     deadline = time.monotonic() + 120
     while srv.status()["consumers"]["loader-events"]["lag_events"] != 0:

@@ -69,6 +69,8 @@ class ServerConfig(_Section):
     malloc_arena_max: int = 2
     # ... and free pages are handed back this often ("0s": never).
     malloc_trim_interval: str = "10s"
+    # Python's collector skips the objects alive after start-up (gc.freeze).
+    gc_freeze: bool = True
 
 
 class IngestConfig(_Section):

@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     socket_path = core_socket(config)
     if socket_path.exists():
         socket_path.unlink()
+    app = build_app(pipeline)
+    allocator.freeze_startup_heap(config, "core")
     server = uvicorn.Server(
         uvicorn.Config(
-            build_app(pipeline),
+            app,
             uds=str(socket_path),
             log_level="warning",
             access_log=False,

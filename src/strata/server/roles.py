@@ -246,9 +246,11 @@ def run_query_api(args: argparse.Namespace) -> int:
     pipeline = open_query_pipeline(config)
     pipeline.start()
     port = listener.getsockname()[1]
+    app = build_app(pipeline)  # its lifespan stops the pipeline (drains the loaders)
+    allocator.freeze_startup_heap(config, "query-api")
     server = uvicorn.Server(
         uvicorn.Config(
-            build_app(pipeline),  # its lifespan stops the pipeline (drains the loaders)
+            app,
             log_level="warning",
             access_log=False,
             http=BoundedHttpToolsProtocol,
