@@ -52,7 +52,8 @@ from strata.loader.sinks import Sink
 from strata.log.base import Consumer, Log, RecordBatch, merge_batches
 from strata.masking import DeletedUsers
 from strata.metrics import Metric
-from strata.store import Store
+from strata.store import Store, StoreError
+from strata.store.client import insert_arrow_in_process
 from strata.store.ddl import GRANULARITIES, named_statements, render_rollup_sql
 
 log = logging.getLogger("strata.loader")
@@ -202,7 +203,7 @@ class Loader:
             # that every rollup view processes on its own (measured: an
             # 8-partition batch inserts in half the time as one chunk).
             data = pa.concat_tables(tables).combine_chunks()
-            self.store.insert_arrow(self.sink.table, data, token)
+            self._insert(data, token)
             if verify and self.sink.with_position:
                 self._repair(data)
                 if self.sink.table == "events":
@@ -219,6 +220,20 @@ class Loader:
         self.stats.duplicate_rows += duplicates
         self.stats.batches += 1
         self.stats.last_insert_ms = now_ms()
+
+    def _insert(self, data: pa.Table, token: str) -> None:
+        """``Store.insert_arrow(table, data, token)``, with chDB reading the
+        Arrow buffers in place (decision 101): the same settings, the same
+        deduplication of a repeated token in the table and every rollup."""
+        settings = {
+            "insert_deduplication_token": token,
+            "deduplicate_blocks_in_dependent_materialized_views": 1,
+        }
+        with self.store._lock:
+            try:
+                insert_arrow_in_process(self.store.client, self.sink.table, data, settings)
+            except Exception as exc:
+                raise StoreError(f"insert into {self.sink.table} failed: {exc}") from exc
 
     # -- repair of a re-executed plan (decision 093) --------------------------
     def _repair(self, data: pa.Table) -> None:
