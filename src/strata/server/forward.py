@@ -90,6 +90,7 @@ MAX_IDLE = 32
 MAX_CONNECTIONS = 256
 
 UNAVAILABLE_BODY = json.dumps({"error": "core process unavailable; retry shortly"}).encode()
+BAD_TARGET_BODY = json.dumps({"error": "path: holds a character no URL can carry"}).encode()
 
 
 class CoreUnavailable(Exception):
@@ -105,13 +106,12 @@ class ResponseBroken(Exception):
 class Connection:
     """One keep-alive HTTP/1.1 connection to the core."""
 
-    __slots__ = ("reader", "writer", "idle_since", "reused")
+    __slots__ = ("reader", "writer", "idle_since")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.idle_since = 0.0
-        self.reused = False
 
     def close(self) -> None:
         self.writer.close()
@@ -217,7 +217,6 @@ class CoreForwarder:
         while self.idle:
             connection = self.idle.pop()  # the most recently used: least likely to be stale
             if connection.usable(now):
-                connection.reused = True
                 return connection
             connection.close()
         return await self._connect()
@@ -229,17 +228,12 @@ class CoreForwarder:
         connection.idle_since = time.monotonic()
         self.idle.append(connection)
 
-    async def aclose(self) -> None:
-        """Close every idle connection."""
-        while self.idle:
-            self.idle.pop().close()
-
     # -- ASGI ------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert scope["type"] == "http", scope["type"]
         target = request_target(scope)
         if target is None:
-            await _send_json(send, 400, {"error": "path: holds a character no URL can carry"})
+            await _send_json(send, 400, BAD_TARGET_BODY)
             return
         body = await _read_body(receive)
         if body is None:
@@ -436,28 +430,16 @@ async def _read_body(receive: Receive) -> bytes | None:
 
 
 async def _send_json(
-    send: Send, status: int, payload: dict[str, Any], extra: list[tuple[bytes, bytes]] | None = None
+    send: Send, status: int, data: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()
 ) -> None:
-    data = json.dumps(payload).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(data)).encode()),
-        *(extra or []),
+        *extra,
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 
 
 async def _send_unavailable(send: Send) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(UNAVAILABLE_BODY)).encode()),
-                (b"retry-after", b"1"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": UNAVAILABLE_BODY})
+    await _send_json(send, 503, UNAVAILABLE_BODY, ((b"retry-after", b"1"),))
