@@ -20,7 +20,7 @@ import pytest
 from strata.config import load_config
 from strata.events import Normalizer, now_ms
 from strata.loader.loader import Loader
-from strata.loader.sinks import EVENTS_SINK
+from strata.loader.sinks import EVENTS_SINK, LATE_EVENTS_SINK, WINDOW_RESULTS_SINK, Sink
 from strata.log import open_log
 from strata.store import Store
 
@@ -116,7 +116,19 @@ def _hand_written_records(now: int) -> list[bytes]:
             "unknown_field": {"x": [1, 2]},
         },
     ]
-    return [msgspec.json.encode(record) for record in records]
+    encoded = [msgspec.json.encode(record) for record in records]
+    # Written by hand: whitespace, another key order, escapes, exponents.
+    encoded += [
+        b'{ "received_at" : %d , "ts":%d, "distinct_id":"h4", "event_type" : "page_view",'
+        rb' "event_id":"hand-text", "path":"\\back\\slash \"q\" \ud83d\ude80 \u00e9\t",'
+        rb' "revenue": 1.5E3, "properties":"{\"n\":-0.0,\"s\":\"\u2028\"}" }' % (now, now),
+        b'{"event_id":"hand-tiny","event_type":"purchase","distinct_id":"h5","ts":%d,'
+        b'"received_at":%d,"revenue":-4.9e-324,"currency":"'
+        % (now, now)
+        + ("x" * 5000).encode()
+        + b'"}',
+    ]
+    return encoded
 
 
 def _produce_corpus(log, now: int) -> None:
@@ -215,7 +227,7 @@ def test_loader_stores_the_rows_the_reference_path_stores(corpus) -> None:
     assert loader.stats.batches > 10  # many micro-batch boundaries
     assert loader.stats.duplicate_rows == 12
     reference = _reference_rows(log, store)
-    assert len(reference) == 45  # 42 normalized + 3 hand-written, retries dropped
+    assert len(reference) == 47  # 42 normalized + 5 hand-written, retries dropped
     assert stored == reference
     columns, _ = store.query_rows("SELECT * FROM events LIMIT 0")
     by_id = {row[columns.index("event_id")]: dict(zip(columns, row, strict=True)) for row in stored}
@@ -228,6 +240,9 @@ def test_loader_stores_the_rows_the_reference_path_stores(corpus) -> None:
     assert by_id["hand-extra"]["properties"] == '{"k":"\\u0000 null byte"}'
     assert by_id["e-005-ü"]["path"] == '/a b/ç?q=1&x="y"'
     assert "late-1" in by_id
+    assert by_id["hand-text"]["path"] == '\\back\\slash "q" 🚀 é\t'
+    assert by_id["hand-text"]["revenue"] == 1500.0
+    assert by_id["hand-tiny"]["revenue"] == -5e-324 and len(by_id["hand-tiny"]["currency"]) == 5000
     assert _rollup_events(store) == len(stored)
 
 
@@ -256,3 +271,72 @@ def test_a_replay_after_a_crash_between_insert_and_checkpoint_stores_the_same_ro
     assert restarted.stats.repaired_missing_rows == 0
     assert restarted.stats.repaired_duplicate_rows == 0
     assert _rollup_events(store) == len(stored)
+
+
+def _record_of(sink: Sink, i: int, now: int) -> dict[str, object]:
+    """A record of ``sink`` with every field set from its type; some left
+    out or null."""
+    record: dict[str, object] = {}
+    for field in sink.schema:
+        if pa.types.is_string(field.type):
+            value: object = f"{field.name}-{i % 4}-ß🚀" if field.name != sink.id_field else f"id{i}"
+        elif pa.types.is_boolean(field.type):
+            value = i % 2 == 0
+        elif field.type == pa.uint16():
+            value = 65_535 - i
+        elif field.type == pa.uint64():
+            value = 2**64 - 1 - i
+        elif pa.types.is_floating(field.type):
+            value = i / 3
+        else:
+            value = now - i * 1_000
+        record[field.name] = value
+    if i % 3 == 1:
+        # Not the times: a row at 1970 would be dropped by the table's TTL.
+        optional = [
+            f.name
+            for f in sink.schema
+            if f.name not in sink.key_fields and f.name not in sink.timestamp_fields
+        ]
+        record[optional[i % len(optional)]] = None
+        record.pop(optional[(i + 1) % len(optional)], None)
+    return record
+
+
+@pytest.mark.parametrize("sink", [WINDOW_RESULTS_SINK, LATE_EVENTS_SINK], ids=lambda s: s.topic)
+def test_other_sinks_store_the_rows_of_the_reference_path(tmp_path: Path, sink: Sink) -> None:
+    config = load_config(
+        overrides={"data_dir": str(tmp_path), "log.partitions": 2, "log.fsync": "never"},
+        environ={},
+    )
+    log = open_log(config)
+    store = Store.open(config)
+    try:
+        now = now_ms()
+        values = [msgspec.json.encode(_record_of(sink, i, now)) for i in range(30)]
+        producer = log.producer()
+        for i, value in enumerate(values):
+            producer.produce(sink.topic, i % 2, None, value)
+        producer.flush()
+        loader = Loader(
+            log, store, sink, tmp_path / "loader", dedup_horizon_ms=86_400_000, max_batch_events=4
+        )
+        while loader.run_once(timeout_s=0):
+            pass
+        loader.close()
+        store.command(f"CREATE TABLE {sink.table}_reference AS {sink.table}")
+        tables = []
+        for partition in range(2):
+            part = [v for i, v in enumerate(values) if i % 2 == partition]
+            tables.append(
+                sink.finish(sink.decode(part), np.full(len(part), partition), np.arange(len(part)))
+            )
+        store.insert_arrow(f"{sink.table}_reference", pa.concat_tables(tables))
+        order = "ORDER BY _partition, _offset"
+        _, stored = store.query_rows(f"SELECT * FROM {sink.table} {order}")
+        _, reference = store.query_rows(f"SELECT * FROM {sink.table}_reference {order}")
+        assert len(stored) == 30
+        assert stored == reference
+    finally:
+        store.close()
+        log.close()

@@ -53,7 +53,7 @@ from strata.log.base import Consumer, Log, RecordBatch, merge_batches
 from strata.masking import DeletedUsers
 from strata.metrics import Metric
 from strata.store import Store, StoreError
-from strata.store.client import insert_arrow_in_process
+from strata.store.client import insert_arrow_in_process, reads_arrow_in_place
 from strata.store.ddl import GRANULARITIES, named_statements, render_rollup_sql
 
 log = logging.getLogger("strata.loader")
@@ -116,6 +116,10 @@ class Loader:
         all_partitions = list(range(log.partitions(sink.topic)))
         self.consumer.assign(all_partitions if partitions is None else partitions)
         self.offsets: dict[int, int] = {}
+        # On chDB the store parses the records (decision 101): Python decodes
+        # only the key fields, the engine reads the JSON text in place.
+        self._parse_in_store = reads_arrow_in_place(store.client)
+        self._extract_select = sink.extract_select("{source}")
         self._recover()
 
     # -- checkpoint ----------------------------------------------------------
@@ -172,7 +176,11 @@ class Loader:
         new_ids: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         duplicates = 0
         for batch in sorted(batches, key=lambda b: b.partition):
-            table = self.sink.decode(batch.values)
+            table = (
+                self.sink.decode_keys(batch.values)
+                if self._parse_in_store
+                else self.sink.decode(batch.values)
+            )
             offsets = np.arange(batch.first_offset, batch.first_offset + len(batch.values))
             if self.dedup is not None and self.sink.id_field:
                 hashes = hash_ids(table.column(self.sink.id_field).to_pylist())
@@ -222,18 +230,24 @@ class Loader:
         self.stats.last_insert_ms = now_ms()
 
     def _insert(self, data: pa.Table, token: str) -> None:
-        """``Store.insert_arrow(table, data, token)``, with chDB reading the
-        Arrow buffers in place (decision 101): the same settings, the same
-        deduplication of a repeated token in the table and every rollup."""
-        settings = {
+        """``Store.insert_arrow(table, data, token)``: the same settings, the
+        same deduplication of a repeated token in the table and every rollup.
+        On chDB the engine reads ``data`` in place and parses its records'
+        JSON itself (decision 101)."""
+        self._insert_into(self.sink.table, data, {
             "insert_deduplication_token": token,
             "deduplicate_blocks_in_dependent_materialized_views": 1,
-        }
+        })
+
+    def _insert_into(self, table: str, data: pa.Table, settings: dict[str, object]) -> None:
+        """Insert ``data`` (a ``finish``ed table of ``decode`` or, on chDB,
+        of ``decode_keys``) into ``table``, one of the sink table's shape."""
+        select = self._extract_select if self._parse_in_store else None
         with self.store._lock:
             try:
-                insert_arrow_in_process(self.store.client, self.sink.table, data, settings)
+                insert_arrow_in_process(self.store.client, table, data, settings, select=select)
             except Exception as exc:
-                raise StoreError(f"insert into {self.sink.table} failed: {exc}") from exc
+                raise StoreError(f"insert into {table} failed: {exc}") from exc
 
     # -- repair of a re-executed plan (decision 093) --------------------------
     def _repair(self, data: pa.Table) -> None:
@@ -281,8 +295,7 @@ class Loader:
                 data.column("_partition").to_pylist(), data.column("_offset").to_pylist(),
                 strict=True)])
             self._prepare_staging(staging)
-            self.store.insert_arrow(staging, data.filter(pa.array(keep)),
-                                    settings={"insert_deduplicate": 0})
+            self._insert_into(staging, data.filter(pa.array(keep)), {"insert_deduplicate": 0})
             for partition_id in self._staged_partition_ids(staging):
                 self.store.command(REPAIR_SQL["attach_partition"].format(
                     table=table, staging=staging, partition_id=partition_id))

@@ -4,7 +4,7 @@ clickhouse-connect client API."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,21 @@ def connect(
     raise ValueError(f"store.backend: unknown backend {backend!r}")
 
 
+
+def reads_arrow_in_place(client: Any) -> bool:
+    """Whether ``client`` is chDB's, whose engine can read a Python Arrow
+    table in place (``insert_arrow_in_process``)."""
+    backend = getattr(client, "_backend", None)
+    return type(backend).__name__ == "ChdbBackend" and hasattr(backend, "_run")
+
+
 def insert_arrow_in_process(
-    client: Any, table: str, data: Any, settings: Mapping[str, Any]
+    client: Any,
+    table: str,
+    data: Any,
+    settings: Mapping[str, Any],
+    *,
+    select: tuple[Sequence[str], str] | None = None,
 ) -> None:
     """Insert the Arrow table ``data`` into ``table`` as one INSERT with the
     query ``settings``, with the same semantics as ``client.insert_arrow``
@@ -71,24 +84,32 @@ def insert_arrow_in_process(
     chDB serializes the table to an Arrow stream in Python, writes it to a
     temporary file and has the engine read that back (measured: most of the
     loader's insert CPU, docs/benchmarks.md). On a ClickHouse server this is
-    ``client.insert_arrow``. Raises what the client raises."""
-    backend = getattr(client, "_backend", None)
-    run = getattr(backend, "_run", None)
-    if run is None or type(backend).__name__ != "ChdbBackend":
+    ``client.insert_arrow``.
+
+    ``select`` = (columns, SELECT with a ``{source}`` placeholder) inserts
+    the SELECT's rows over ``data`` into those columns instead of ``data``'s
+    columns as they are; chDB only (``reads_arrow_in_place``), else
+    ValueError. The SELECT is trusted SQL: callers build it from validated
+    identifiers only. Raises what the client raises."""
+    if not reads_arrow_in_place(client):
+        if select is not None:
+            raise ValueError("insert with a SELECT over Arrow data needs chDB")
         client.insert_arrow(table, data, settings=dict(settings))
         return
     from clickhouse_connect.driver._backend.chdb_backend import _settings_clause
     from clickhouse_connect.driver.binding import quote_identifier
 
-    columns = ", ".join(quote_identifier(name) for name in data.column_names)
-    values = {name: str(value) for name, value in settings.items()}
-    clause = f" SETTINGS {_settings_clause(values)}" if values else ""
+    names, query = select if select is not None else (data.column_names, "")
+    columns = ", ".join(quote_identifier(name) for name in names)
     # Python() resolves this name in the calling frames: keep it unlikely to
     # collide with any other variable of the process.
     strata_insert_rows = data  # noqa: F841
-    run(
-        f"INSERT INTO {quote_identifier(table)} ({columns}) "
-        f"SELECT {columns} FROM Python(strata_insert_rows){clause}",
+    source = "Python(strata_insert_rows)"
+    query = query.format(source=source) if query else f"SELECT {columns} FROM {source}"
+    values = {name: str(value) for name, value in settings.items()}
+    clause = f" SETTINGS {_settings_clause(values)}" if values else ""
+    client._backend._run(
+        f"INSERT INTO {quote_identifier(table)} ({columns}) {query}{clause}",
         "TabSeparated",
         database=client.database,
     )
