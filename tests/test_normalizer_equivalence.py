@@ -388,7 +388,7 @@ def test_batch_columns_match_the_triples() -> None:
     accepted, rejected = normalizer.normalize(raws, sent_at_ms=None, received_at_ms=RECEIVED)
     assert batch.rejected == rejected
     assert batch.partitions == [p for p, _, _ in accepted]
-    assert batch.records == [(None, v) for _, v, _ in accepted]
+    assert batch.values == [v for _, v, _ in accepted]
     assert len(batch.events) == len(accepted) > 50
     assert len(batch.rejected) > 50
 
@@ -630,3 +630,14 @@ def test_accepted_events_reach_the_log_as_normalized(ingest_client: Any) -> None
         "rejected": [{"index": r.index, "error": r.error} for r in rejected],
     }
     assert len(accepted) > 50 and len(rejected) > 30
+
+
+def test_keyless_records_are_a_sequence_of_records() -> None:
+    from strata.ingest.committer import KeylessRecords
+
+    records = KeylessRecords([b"a", b"b", b"c"])
+    assert len(records) == 3
+    assert list(records) == [(None, b"a"), (None, b"b"), (None, b"c")]
+    assert records[1] == (None, b"b") and records[-1] == (None, b"c")
+    assert list(records[1:]) == [(None, b"b"), (None, b"c")]
+    assert [value for _, value in records] == [b"a", b"b", b"c"]

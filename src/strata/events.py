@@ -168,17 +168,16 @@ _UNSET = msgspec.UNSET
 class NormalizedBatch:
     """The outcome of normalizing one request's events, column-wise.
 
-    ``partitions[i]``, ``records[i]`` and ``events[i]`` describe the i-th
-    accepted event (input order): its log partition, its log record as
-    ``Producer.produce_many`` takes it (``(None, value)``: no key) and the
-    ``NormalizedEvent`` that was encoded. ``rejected`` holds one entry per
-    rejected event, by input index, in input order."""
+    ``partitions[i]``, ``values[i]`` and ``events[i]`` describe the i-th
+    accepted event (input order): its log partition, its log record value
+    (no key) and the ``NormalizedEvent`` that was encoded. ``rejected``
+    holds one entry per rejected event, by input index, in input order."""
 
-    __slots__ = ("partitions", "records", "events", "rejected")
+    __slots__ = ("partitions", "values", "events", "rejected")
 
     def __init__(self) -> None:
         self.partitions: list[int] = []
-        self.records: list[tuple[None, bytes]] = []
+        self.values: list[bytes] = []
         self.events: list[NormalizedEvent] = []
         self.rejected: list[RejectedEvent] = []
 
@@ -220,12 +219,7 @@ class Normalizer:
         batch = self.normalize_batch(
             raw_events, sent_at_ms=sent_at_ms, received_at_ms=received_at_ms
         )
-        accepted = [
-            (partition, record[1], event)
-            for partition, record, event in zip(
-                batch.partitions, batch.records, batch.events, strict=True
-            )
-        ]
+        accepted = list(zip(batch.partitions, batch.values, batch.events, strict=True))
         return accepted, batch.rejected
 
     def normalize_batch(
@@ -241,7 +235,7 @@ class Normalizer:
         batch = NormalizedBatch()
         # Bound methods: the loop runs once per event, so lookups add up.
         add_partition = batch.partitions.append
-        add_record = batch.records.append
+        add_value = batch.values.append
         add_event = batch.events.append
         rejected = batch.rejected
         skew = 0 if sent_at_ms is None else received_at_ms - sent_at_ms
@@ -341,7 +335,7 @@ class Normalizer:
                 if distinct_id not in self.hot_keys:
                     partition_of[distinct_id] = partition
             add_partition(partition)
-            add_record((None, encode(event)))
+            add_value(encode(event))
             add_event(event)
         return batch
 

@@ -273,23 +273,20 @@ class IngestService:
         quarantined: list[tuple[int, bytes]] = []
         refused: list[tuple[int, str]] = []
         if self.registry.in_use:
-            accepted = [
-                (partition, record[1], event)
-                for partition, record, event in zip(
-                    batch.partitions, batch.records, batch.events, strict=True
-                )
-            ]
+            accepted: list[tuple[int, bytes, Any]] = list(
+                zip(batch.partitions, batch.values, batch.events, strict=True)
+            )
             accepted, quarantined, refused = self.check_schemas(
                 raw_events, accepted, rejected, indexes
             )
             partitions = [partition for partition, _, _ in accepted]
-            records: list[tuple[None, bytes]] = [(None, value) for _, value, _ in accepted]
+            values = [value for _, value, _ in accepted]
         else:  # no schemas: the normalizer's columns go to the log as they are
-            partitions, records = batch.partitions, batch.records
+            partitions, values = batch.partitions, batch.values
         all_rejected = sorted(
             [(indexes[r.index], r.error) for r in rejected] + refused + (rejected_before or [])
         )
-        appends = [self.committer.append_records(partitions, records)]
+        appends = [self.committer.append_values(partitions, values)]
         if quarantined:
             appends.append(self.side_committer("quarantine").append(quarantined))
         if identities:
@@ -300,14 +297,14 @@ class IngestService:
             raise RequestError(503, f"log: full ({exc}); retry later", {"Retry-After": "5"}) from exc
         except LogError as exc:
             raise RequestError(503, f"log: append failed ({exc}); retry later", {"Retry-After": "1"}) from exc
-        REGISTRY.inc("strata_ingest_events_total", len(records))
+        REGISTRY.inc("strata_ingest_events_total", len(values))
         if all_rejected:
             REGISTRY.inc("strata_ingest_rejected_total", len(all_rejected))
         if quarantined:
             REGISTRY.inc("strata_ingest_quarantined_total", len(quarantined))
         REGISTRY.observe("strata_ingest_append_seconds", time.perf_counter() - started)
         result: dict[str, Any] = {
-            "accepted": len(records),
+            "accepted": len(values),
             "rejected": [{"index": index, "error": error} for index, error in all_rejected],
         }
         if quarantined:

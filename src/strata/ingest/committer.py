@@ -14,13 +14,43 @@ import logging
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from itertools import repeat
+from typing import overload
 
 from strata.log.base import Log
 
 log = logging.getLogger("strata.ingest")
 
 Items = list[tuple[int, bytes]]
-Record = tuple[None, bytes]  # (key, value) as Producer.produce_many takes it
+
+
+class KeylessRecords(Sequence[tuple[None, bytes]]):
+    """Log values as the ``(None, value)`` records ``Producer.produce_many``
+    takes, without holding a tuple per record: iteration reuses one (zip
+    does), so the request path allocates no GC-tracked object per event."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: list[bytes]) -> None:
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[None, bytes]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> KeylessRecords: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[None, bytes] | KeylessRecords:
+        if isinstance(index, slice):
+            return KeylessRecords(self.values[index])
+        return (None, self.values[index])
+
+    def __iter__(self) -> Iterator[tuple[None, bytes]]:
+        return zip(repeat(None), self.values)
 
 
 class GroupCommitter:
@@ -29,7 +59,7 @@ class GroupCommitter:
         self.producer = log_.producer()
         self.max_group_records = max_group_records
         self._queue: queue.SimpleQueue[
-            tuple[list[int], list[Record], asyncio.AbstractEventLoop, asyncio.Future[None]] | None
+            tuple[list[int], list[bytes], asyncio.AbstractEventLoop, asyncio.Future[None]] | None
         ] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
@@ -37,19 +67,19 @@ class GroupCommitter:
     async def append(self, items: Items) -> None:
         """Append ``(partition, value)`` records; returns once durable.
         Raises the log's error (``LogFull``/``LogError``) if the flush failed."""
-        await self.append_records(
-            [partition for partition, _ in items], [(None, value) for _, value in items]
+        await self.append_values(
+            [partition for partition, _ in items], [value for _, value in items]
         )
 
-    async def append_records(self, partitions: list[int], records: list[Record]) -> None:
-        """``append`` in columns: ``records[i]`` goes to ``partitions[i]``
+    async def append_values(self, partitions: list[int], values: list[bytes]) -> None:
+        """``append`` in columns: ``values[i]`` goes to ``partitions[i]``
         (the form ``Normalizer.normalize_batch`` produces, so the request
         path builds no per-record objects of its own). Same guarantees."""
-        if not records:
+        if not values:
             return
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._queue.put((partitions, records, loop, future))
+        self._queue.put((partitions, values, loop, future))
         await future
 
     def _run(self) -> None:
@@ -71,12 +101,12 @@ class GroupCommitter:
                 count += len(nxt[1])
             error: BaseException | None = None
             try:
-                by_partition: dict[int, list[Record]] = defaultdict(list)
-                for partitions, records, _, _ in group:
-                    for partition, record in zip(partitions, records, strict=True):
-                        by_partition[partition].append(record)
+                by_partition: dict[int, list[bytes]] = defaultdict(list)
+                for partitions, values, _, _ in group:
+                    for partition, value in zip(partitions, values, strict=True):
+                        by_partition[partition].append(value)
                 for partition, grouped in by_partition.items():
-                    self.producer.produce_many(self.topic, partition, grouped)
+                    self.producer.produce_many(self.topic, partition, KeylessRecords(grouped))
                 self.producer.flush()
             except BaseException as exc:  # every waiter must hear about it
                 error = exc
