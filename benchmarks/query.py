@@ -364,6 +364,16 @@ def main(argv: list[str] | None = None) -> None:
         f"AS SELECT window_start, country, views FROM {views_table}"
     )
     month_sql = views_route.sql.replace(views_table, month_copy)
+    # The same route as before decision 098 (GROUP BY + countMerge instead of
+    # FINAL + finalizeAggregation), to measure the FINAL read in this run.
+    from strata.query import router as router_module
+
+    one_row_per_group = router_module._one_row_per_group
+    router_module._one_row_per_group = lambda *args: False
+    try:
+        group_by_sql = pipeline.query.router.route(sandbox.check(views_sql)).sql
+    finally:
+        router_module._one_row_per_group = one_row_per_group
     day_rows_sql = (
         f"SELECT window_start, country, finalizeAggregation(views) FROM {views_table} "
         f"WHERE window_start >= '{_utc(end_day - DAY_MS)}' AND window_start < '{_utc(end_day)}'"
@@ -388,6 +398,9 @@ def main(argv: list[str] | None = None) -> None:
         ("chDB floor", "24 h rollup rows, no GROUP BY"): lambda: store.query_rows(day_rows_sql),
         ("page views by country / 5 min, 24 h", "store: routed, month parts"): (
             lambda: store.query_rows(month_sql)
+        ),
+        ("page views by country / 5 min, 24 h", "store: routed, GROUP BY form"): (
+            lambda: store.query_rows(group_by_sql)
         ),
     }
     _, part_rows = store.query_rows(
@@ -635,6 +648,7 @@ def main(argv: list[str] | None = None) -> None:
         "SQL API",
         "store: routed",
         "store: routed, month parts",
+        "store: routed, GROUP BY form",
         "store: raw",
         "cache hit (API)",
         "cache hit (SQL)",
@@ -703,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{results['chDB floor']['24 h rollup rows, no GROUP BY'][0]:.2f} ms; the routed query "
         f"on a month-partitioned copy of the rollup ({parts.get(month_copy, 0)} parts) "
         f"{results['page views by country / 5 min, 24 h']['store: routed, month parts'][0]:.2f}"
+        " ms; the routed query in its GROUP BY form (before decision 098's FINAL read) "
+        f"{results['page views by country / 5 min, 24 h']['store: routed, GROUP BY form'][0]:.2f}"
         " ms. DAU from "
         f"`day_answers` vs raw DAU on the store: {dau_raw / dau_answers:.0f}x.",
         "",
