@@ -40,6 +40,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +81,33 @@ class LoaderStats:
     max_event_ts: dict[int, int] = field(default_factory=dict)
 
 
+class _Decoded(NamedTuple):
+    """One partition's records of a micro-batch, decoded (``Loader._decode``)."""
+
+    batch: RecordBatch
+    table: pa.Table
+    hashes: np.ndarray | None
+
+
+class _Prefetch(threading.Thread):
+    """Polls and decodes the next micro-batch without waiting for records."""
+
+    def __init__(self, loader: Loader) -> None:
+        super().__init__(name=f"loader-{loader.sink.topic}-prefetch", daemon=True)
+        self.loader = loader
+        self.decoded: list[_Decoded] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        loader = self.loader
+        try:
+            batches = loader.consumer.poll_batches(loader.max_batch_events, timeout_s=0.0)
+            if batches:
+                self.decoded = loader._decode(list(merge_batches(batches).values()))
+        except BaseException as exc:  # surfaced by the cycle that takes it
+            self.error = exc
+
+
 class Loader:
     GROUP = "loader"
 
@@ -95,7 +123,10 @@ class Loader:
         max_batch_events: int = 200_000,
         max_wait_ms: int = 250,
         partitions: list[int] | None = None,
+        prefetch: bool = True,
     ) -> None:
+        """``prefetch``: read and decode the next micro-batch while one is
+        being inserted (a second thread; off: one thread, strictly in turn)."""
         self.log = log
         self.store = store
         self.sink = sink
@@ -120,10 +151,13 @@ class Loader:
         # only the key fields, the engine reads the JSON text in place.
         self._parse_in_store = reads_arrow_in_place(store.client)
         self._extract_select = sink.extract_select("{source}")
+        self.prefetch = prefetch
+        self._prefetch: _Prefetch | None = None
         self._recover()
 
     # -- checkpoint ----------------------------------------------------------
     def _recover(self) -> None:
+        self._drop_prefetch()
         state = read_json(self.checkpoint_path, {}) or {}
         self.offsets = {int(p): int(o) for p, o in state.get("offsets", {}).items()}
         if self.dedup is not None:
@@ -156,14 +190,62 @@ class Loader:
     def run_once(self, timeout_s: float | None = None) -> int:
         """Load one micro-batch; returns the number of records consumed."""
         wait = self.max_wait_ms / 1000 if timeout_s is None else timeout_s
-        batches = self.consumer.poll_batches(self.max_batch_events, timeout_s=wait)
-        if not batches:
-            return 0
-        merged = merge_batches(batches)
-        ranges = {p: (b.first_offset, b.last_offset) for p, b in merged.items()}
+        decoded = self._take_prefetched()
+        if decoded is None:
+            batches = self.consumer.poll_batches(self.max_batch_events, timeout_s=wait)
+            if not batches:
+                return 0
+            decoded = self._decode(list(merge_batches(batches).values()))
+        ranges = {d.batch.partition: (d.batch.first_offset, d.batch.last_offset) for d in decoded}
         self._write_checkpoint(ranges)
-        self._execute(list(merged.values()), ranges)
-        return sum(len(b.values) for b in merged.values())
+        self._execute_decoded(decoded, ranges)
+        return sum(len(d.batch.values) for d in decoded)
+
+    def _decode(self, batches: list[RecordBatch]) -> list[_Decoded]:
+        """Decode and hash the records of ``batches``: no side effects and
+        no state of the loader read, so it can run ahead in another thread
+        (``_start_prefetch``)."""
+        decoded = []
+        for batch in sorted(batches, key=lambda b: b.partition):
+            table = (
+                self.sink.decode_keys(batch.values)
+                if self._parse_in_store
+                else self.sink.decode(batch.values)
+            )
+            hashes = None
+            if self.dedup is not None and self.sink.id_field:
+                hashes = hash_ids(table.column(self.sink.id_field).to_pylist())
+            decoded.append(_Decoded(batch, table, hashes))
+        return decoded
+
+    # -- prefetch: the next micro-batch is read and decoded while this one
+    # is in the store (chDB releases the GIL). It has no durable effect; the
+    # plan of a prefetched batch is checkpointed when it executes, and a
+    # failed cycle drops the prefetch with the consumer's positions.
+    def _start_prefetch(self) -> None:
+        if not self.prefetch or self._prefetch is not None:
+            return
+        self._prefetch = _Prefetch(self)
+        self._prefetch.start()
+
+    def _finish_prefetch(self) -> None:
+        """Wait until the prefetch stopped using the consumer."""
+        if self._prefetch is not None:
+            self._prefetch.join()
+
+    def _take_prefetched(self) -> list[_Decoded] | None:
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is None:
+            return None
+        prefetch.join()
+        if prefetch.error is not None:
+            raise prefetch.error
+        return prefetch.decoded or None
+
+    def _drop_prefetch(self) -> None:
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None:
+            prefetch.join()
 
     def _execute(
         self,
@@ -172,18 +254,21 @@ class Loader:
         *,
         verify: bool = False,
     ) -> None:
+        self._execute_decoded(self._decode(batches), ranges, verify=verify)
+
+    def _execute_decoded(
+        self,
+        decoded: list[_Decoded],
+        ranges: dict[int, tuple[int, int]],
+        *,
+        verify: bool = False,
+    ) -> None:
         tables: list[pa.Table] = []
         new_ids: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         duplicates = 0
-        for batch in sorted(batches, key=lambda b: b.partition):
-            table = (
-                self.sink.decode_keys(batch.values)
-                if self._parse_in_store
-                else self.sink.decode(batch.values)
-            )
+        for batch, table, hashes in decoded:
             offsets = np.arange(batch.first_offset, batch.first_offset + len(batch.values))
-            if self.dedup is not None and self.sink.id_field:
-                hashes = hash_ids(table.column(self.sink.id_field).to_pylist())
+            if self.dedup is not None and hashes is not None:
                 received = table.column(self.sink.received_field).to_numpy()
                 event_field = self.sink.event_time_field
                 event = table.column(event_field).to_numpy() if event_field else received
@@ -205,6 +290,8 @@ class Loader:
                     self.stats.max_event_ts[batch.partition] = max(seen, top)
                 partition_column = np.full(table.num_rows, batch.partition)
                 tables.append(self.sink.finish(table, partition_column, offsets))
+        if not verify:
+            self._start_prefetch()
         if tables:
             token = self.dedup_token(ranges)
             # One chunk per column: chDB turns each Arrow chunk into a block
@@ -223,6 +310,7 @@ class Loader:
         for partition, (_, last) in ranges.items():
             self.offsets[partition] = last + 1
         self._write_checkpoint(None)
+        self._finish_prefetch()
         self.consumer.commit(dict(self.offsets))
         self.stats.inserted_rows += sum(t.num_rows for t in tables)
         self.stats.duplicate_rows += duplicates
@@ -450,6 +538,7 @@ class Loader:
         self._recover()
 
     def close(self) -> None:
+        self._drop_prefetch()
         self.consumer.close()
 
 
