@@ -27,6 +27,10 @@ a re-executed plan is *verified*: its rows are looked up by their log
 position (``_partition``, ``_offset``) and repaired, missing rows attached
 and doubled rows removed, through a staging table and ATTACH / REPLACE
 PARTITION, which do not fire the materialized views (decision 093).
+
+On chDB, Python decodes only the fields the steps above need; the store
+parses each record's JSON inside the insert, and the next micro-batch is
+read and decoded while one is being inserted (decision 101).
 """
 
 from __future__ import annotations

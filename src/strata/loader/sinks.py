@@ -3,6 +3,8 @@
 A sink says how a topic's JSON records become Arrow columns of its table,
 and which field identifies a record for retry deduplication. The loader is
 the only writer of these tables (DESIGN.md: one writer per table).
+``decode`` parses whole records in Python; ``decode_keys`` +
+``extract_select`` leave all but the key fields to the store (decision 101).
 """
 
 from __future__ import annotations
