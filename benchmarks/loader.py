@@ -178,7 +178,7 @@ per run. Median of {args.runs} runs (min–max). Load average (1/5/15 min) befor
 
 | what | events/s, CPU time | events/s, wall clock |
 |---|---|---|
-| loader: log -> JSON decode -> dedup index -> insert with token -> checkpoint | {fmt(results['loader_cpu'])} | {fmt(results['loader_wall'])} |
+| loader: log -> key-field decode -> dedup index -> insert with token (chDB parses the JSON) -> checkpoint | {fmt(results['loader_cpu'])} | {fmt(results['loader_wall'])} |
 | baseline: chDB bulk insert of the same rows, already Arrow (read in place), same batches, same views | {fmt(results['bulk_cpu'])} | {fmt(results['bulk_wall'])} |
 | for reference: clickhouse-connect `insert_arrow` of the same rows (Arrow stream via a temp file) | {fmt(results['stream_cpu'])} | {fmt(results['stream_wall'])} |
 | loader / baseline | {fmt(ratio, '', 2)} | {fmt(wall_ratio, '', 2)} |
