@@ -112,6 +112,7 @@ def serve_ingest_worker(
     committer = GroupCommitter(log_)
     service = IngestService(config, committer, Keyring(config), log=log_)
     app, metrics_dir = make_app(service, config)
+    allocator.freeze_startup_heap(config, f"ingest-{args.index}")
     stop = threading.Event()
     threading.Thread(
         target=_snapshot_loop,
