@@ -73,6 +73,9 @@ def test_admin_api_registers_versions_and_refuses_breaking_changes(server: Strat
     assert client.get(f"{server.url}/v1/schemas/signup/versions/1", headers=headers).json()["schema"] == SIGNUP
     assert client.get(f"{server.url}/v1/schemas/signup", headers=headers).json()["versions"][1]["version"] == 2
     assert client.get(f"{server.url}/v1/schemas/nope", headers=headers).status_code == 404
+    # "²" is a digit to str.isdigit() but not to int(): a 400, not a 500.
+    odd = client.get(f"{server.url}/v1/schemas/signup/versions/%C2%B2", headers=headers)
+    assert odd.status_code == 400 and "version" in odd.json()["error"]
     assert register(server, "bad", {"type": "object", "properties": {"a": {"type": "bogus"}}}).status_code == 400
     mode = client.put(f"{server.url}/v1/schemas/signup/mode", json={"mode": "FULL"}, headers=headers)
     assert mode.json() == {"event_type": "signup", "mode": "FULL"}

@@ -54,7 +54,8 @@ def parse_time(value: str | None, field: str) -> int | None:
     """ISO-8601 or epoch milliseconds -> epoch ms, within 1970-01-01 .. 2100-01-01."""
     if value is None or value == "":
         return None
-    if value.lstrip("-").isdigit():
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+    if value.lstrip("-").isascii() and value.lstrip("-").isdigit():
         ms = int(value)
     else:
         try:

@@ -71,7 +71,7 @@ class SchemaAPI:
     async def version(self, request: Request) -> Any:
         self.core.require(request, "admin")
         raw = request.path_params["version"]
-        if raw != "latest" and not raw.isdigit():
+        if raw != "latest" and not (raw.isascii() and raw.isdigit()):
             raise APIError(400, "version: expected a number or 'latest'")
         try:
             return self._fresh().get(
