@@ -213,6 +213,10 @@ class QueryConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = ""
     cache_max_entries: int = 10_000
+    # In-memory tier of finalized rollup rows (decision 102): rollup-routed
+    # queries over final days are answered in-process; rows held at most.
+    rollup_tier: bool = True
+    rollup_tier_max_rows: int = 2_000_000
     # [query.user_limits.<user>]: per-user rate limits (docs/query.md).
     user_limits: dict[str, UserLimitConfig] = {}
 

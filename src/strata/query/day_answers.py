@@ -100,6 +100,11 @@ class DayAnswers:
         # finalizer of the process that owns the loaders is the writer).
         self._maybe_answered = True
         self._frontier_writes = 0
+        # The frontier this process's DayFinalizer confirmed (set_frontier,
+        # or the stored one once the finalizer saw the loader catch up);
+        # None in a process without a finalizer. The in-memory rollup tier
+        # (strata.query.tier) serves only days before it.
+        self.local_frontier: date | None = None
 
     @property
     def store(self) -> Any:
@@ -120,6 +125,17 @@ class DayAnswers:
                     self._stale = loaded
         assert self._stale is not None
         return self._stale
+
+    def any_stale(self, first: date, last: date) -> bool:
+        """True when a day in ``[first, last]`` is marked stale."""
+        stale = self._stale_days()
+        with self._lock:
+            if len(stale) <= (last - first).days + 1:
+                return any(first <= day <= last for day in stale)
+            return any(
+                date.fromordinal(first.toordinal() + i) in stale
+                for i in range((last - first).days + 1)
+            )
 
     def stale_days(self) -> dict[date, int]:
         """Days revised since they were answered -> seq of the latest mark."""
@@ -241,6 +257,8 @@ class DayAnswers:
         with self._lock:
             self._frontier_writes += 1
             self._maybe_answered = True
+            if self.local_frontier is None or frontier > self.local_frontier:
+                self.local_frontier = frontier
 
     def recompute_now(self, start_ms: int, end_ms: int) -> None:
         """Recompute the answered days overlapping ``[start_ms, end_ms)`` at
@@ -423,6 +441,10 @@ class DayFinalizer:
             return  # nothing known to be loaded yet (stale days wait too)
         if self.frontier is None:
             self.frontier = answers.frontier()
+            if self.frontier is not None and answers.local_frontier is None:
+                # Stored by an earlier run of this finalizer, after its loader
+                # had stored those days: final for this process too.
+                answers.local_frontier = self.frontier
         if self.loaded_watermark_ms is not None:
             final_until = self.loaded_watermark_ms - self.finality_lag_ms()
             target = day_of(final_until - final_until % DAY_MS)

@@ -147,8 +147,10 @@ class Route:
     rejected: dict[str, str] = field(default_factory=dict)
     # Rollup routes only: what merging the serving store's live windows needs.
     shape: LiveShape | None = field(default=None, compare=False)
-    # Filled by the query service: whether and how live windows are merged.
+    # Filled by the query service: whether and how live windows are merged,
+    # and whether the in-memory rollup tier answers (decision 102).
     live: dict[str, Any] | None = field(default=None, compare=False)
+    tier: str | None = field(default=None, compare=False)
 
     def explain(self) -> dict[str, Any]:
         out = {
@@ -162,6 +164,8 @@ class Route:
         }
         if self.live is not None:
             out["live_windows"] = self.live
+        if self.tier is not None:
+            out["rollup_tier"] = self.tier
         return out
 
 

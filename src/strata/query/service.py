@@ -36,6 +36,7 @@ from strata.query.limits import QueryLimits, open_limits
 from strata.query.live import LiveMerger, LivePlan
 from strata.query.results import QueryResult
 from strata.query.router import DAY_MS, Route, Router, TimeRange, find_time_range
+from strata.query.tier import RollupTier
 from strata.store.ddl import named_statements
 from strata.telemetry import REGISTRY
 
@@ -51,6 +52,8 @@ LIVE_WINDOWS_NOTE = (
 
 DAY_ANSWERS_NOTE = "not merged: every day of the range is complete (day_answers)"
 DAY_ANSWERS_SQL = named_statements("day_answers.sql")
+TIER_NOTE = "rows of finalized days from the in-memory rollup tier (decision 102)"
+TIER_LIVE_NOTE = "not merged: every day of the range is final (in-memory rollup tier)"
 PLAN_CACHE_S = 30.0
 PLAN_CACHE_MAX = 1024
 
@@ -116,6 +119,15 @@ class QueryService:
         # Finalized per-day distinct counts (decision 096); filled by the
         # pipeline's DayFinalizer, read by daily_answers.
         self.day_answers = DayAnswers(store_getter, metrics)
+        # Finalized rollup rows in memory (decision 102): serves only days
+        # before the frontier this process's DayFinalizer confirmed.
+        self.tier = RollupTier(
+            store_getter,
+            self.day_answers,
+            enabled=config.query.rollup_tier,
+            max_rows=config.query.rollup_tier_max_rows,
+            settings=sql_settings(config),
+        )
         self._revised: deque[tuple[int, int]] = deque(maxlen=10_000)
         # SQL text -> (expiry, route, normalized): see _planned.
         self._plans: OrderedDict[str, tuple[float, Route, str]] = OrderedDict()
@@ -140,6 +152,7 @@ class QueryService:
         removed = self.cache.invalidate(start_ms, end_ms)
         self.stats["invalidated"] += removed
         self.day_answers.mark_stale(start_ms, end_ms)
+        self.tier.invalidate(start_ms, end_ms)  # after mark_stale: see RollupTier
         REGISTRY.inc("strata_query_cache_invalidations_total", removed)
         return removed
 
@@ -423,6 +436,11 @@ class QueryService:
         answered = self.day_answer_route(route)
         if answered is not None:
             return tree, dataclasses.replace(answered, live={"note": DAY_ANSWERS_NOTE})
+        if route.served_from in ("rollup_5m", "rollup_1d"):
+            note = self.tier.explain(route)
+            if note.startswith("used"):
+                return tree, dataclasses.replace(route, live={"note": TIER_LIVE_NOTE}, tier=note)
+            route = dataclasses.replace(route, tier=note)
         live = self.live.plan(route, self._query_rows)
         if live is None:
             return tree, dataclasses.replace(route, live={"note": LIVE_WINDOWS_NOTE})
@@ -572,6 +590,18 @@ class QueryService:
                     }
                 )
                 return result
+            held, _ = self.tier.answer(route)
+            if held is not None:
+                held.meta.update(
+                    {
+                        "served_from": route.served_from,
+                        "reason": f"{route.reason}; {TIER_NOTE}",
+                        "metric": route.metric,
+                        "live_windows": TIER_LIVE_NOTE,
+                        "live_buckets": 0,
+                    }
+                )
+                return held
             live = self.live.plan(route, self._query_rows)
             if live is not None and live.merged:
                 result = self.live.execute(live, route, self._query_rows)

@@ -1,0 +1,626 @@
+"""In-memory tier of finalized rollup rows (decision 102).
+
+A rollup-routed query over a short range costs chDB's fixed price per query
+(parse, plan, pipeline: 2-4 ms at any size, decision 098) even when the rows
+it reads are a few thousand. Finalized days never change unless something
+revises them, so this process keeps their rollup rows in memory, one entry
+per (rollup table, day), and answers the rollup route's query from them with
+numpy instead of sending it to the engine.
+
+What it holds: a day's rows of one ``rollup_<metric>_5m``/``_1d`` table read
+``FINAL`` (one row per window start and dimension values, the router's
+decision-098 form), with every aggregation finalized except ``uniq`` (its
+states merge only inside the engine). Dimension values are codes into one
+dictionary per (table, dimension).
+
+When it answers (``RollupTier.answer``), everything must hold, or the query
+goes to the engine exactly as before:
+
+* the route is a rollup route whose shape the live-window merge accepts
+  (``LiveShape.unsupported`` empty: no HAVING, no expression over
+  aggregates) with a bounded range, no DISTINCT, no ROLLUP/CUBE/TOTALS;
+* every aggregate is count, min or max, or a sum/avg whose every output
+  group is one rollup row (a float sum in another order could differ in
+  the last bit); no uniq;
+* every filter and every dimension group key uses one dimension; every
+  non-aggregate output is a GROUP BY key;
+* **every day of the range is final for this process**: before the
+  frontier that this process's ``DayFinalizer`` confirmed
+  (``DayAnswers.local_frontier``: the loader has stored every record the
+  processor had read when its watermark passed the day, plus the largest
+  allowed lateness) and not marked stale. That is exactly when
+  ``day_answers`` serves a day (decision 096), so the tier has the same
+  contract: late data, a batch replace, a repair and a GDPR delete reach
+  ``QueryService.on_revised``, which marks the days stale and then drops
+  them here (``invalidate``); a day is read again only after the finalizer
+  recomputed it, i.e. after the loader stored the rows that revised it. A
+  load that raced with an invalidation is thrown away (generation check).
+  A process without a finalizer (``strata query-api`` of the distributed
+  shape, where other processes write the store) never has a local frontier,
+  so the tier stays empty there.
+
+Time buckets, filters and derived dimension keys are evaluated by the
+engine itself, once per distinct window start or dimension value, and
+remembered: they mean exactly what they mean in the routed SQL. Grouping,
+merging, ORDER BY, OFFSET and LIMIT run in numpy. tests/test_rollup_tier.py
+compares every answer with the engine's answer to the routed SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from sqlglot import exp
+
+from strata.metrics import Metric
+from strata.query.day_answers import DayAnswers, day_ms, day_of
+from strata.query.results import QueryResult
+from strata.query.router import DAY_MS, Route
+
+log = logging.getLogger("strata.query.tier")
+
+# A query whose range holds more rows than this goes to the engine (numpy
+# over millions of rows is no faster than chDB).
+MAX_QUERY_ROWS = 2_000_000
+MAX_PLANS = 1024
+# Remembered evaluations of time buckets / filters / dimension expressions.
+MAX_VALUES_PER_EXPRESSION = 1_000_000
+
+
+class Declined(Exception):
+    """The tier cannot answer this query; the message says why."""
+
+
+@dataclass
+class _Day:
+    """One (table, day) of finalized rollup rows."""
+
+    ws: np.ndarray  # int64 epoch seconds of window_start
+    dims: list[np.ndarray]  # int64 codes, one array per dimension
+    values: dict[str, np.ndarray]  # finalized aggregation -> per-row value
+
+    @property
+    def rows(self) -> int:
+        return int(self.ws.shape[0])
+
+
+@dataclass
+class _Dictionary:
+    """Codes of one (table, dimension)'s values; append-only."""
+
+    values: list[str] = field(default_factory=list)
+    codes: dict[str, int] = field(default_factory=dict)
+
+    def encode(self, strings: list[str]) -> np.ndarray:
+        out = np.empty(len(strings), dtype=np.int64)
+        for i, text in enumerate(strings):
+            code = self.codes.get(text)
+            if code is None:
+                code = self.codes[text] = len(self.values)
+                self.values.append(text)
+            out[i] = code
+        return out
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One GROUP BY key: a time bucket (``sql`` over window_start), a bare
+    dimension (``sql`` empty) or an expression of one dimension."""
+
+    time: bool
+    dimension: int  # index into metric.dimensions; -1 for time keys
+    sql: str
+
+
+@dataclass(frozen=True)
+class _Plan:
+    metric: Metric
+    table: str
+    start_ms: int
+    end_ms: int
+    filters: tuple[tuple[int, str], ...]  # (dimension index, SQL over that column)
+    keys: tuple[_Key, ...]
+    # ("key", key index) or (function, aggregation alias)
+    outputs: tuple[tuple[str, Any], ...]
+    columns: tuple[str, ...]
+    order: tuple[tuple[int, bool], ...]
+    limit: int | None
+    offset: int
+
+
+def _unqualified(node: exp.Expression, ts_to: str | None = None) -> exp.Expression:
+    """Drop table qualifiers (``events.country`` -> ``country``); ``ts`` ->
+    ``ts_to`` when given."""
+
+    def replace(n: exp.Expression) -> exp.Expression:
+        if isinstance(n, exp.Column) and n.table in ("", "events"):
+            if ts_to is not None and n.name == "ts":
+                return exp.column(ts_to)
+            return exp.column(n.name)
+        return n
+
+    return node.copy().transform(replace)
+
+
+def _columns_of(node: exp.Expression) -> set[str]:
+    return {c.name for c in node.find_all(exp.Column)}
+
+
+def _sort_rank(values: list[Any]) -> np.ndarray:
+    """Rank of each value in ascending engine order (strings by code point,
+    which is UTF-8 byte order; dates and numbers by value)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[np.asarray(order, dtype=np.int64)] = np.arange(len(values), dtype=np.int64)
+    return rank
+
+
+class RollupTier:
+    """The tier of one query service; see the module docstring."""
+
+    def __init__(
+        self,
+        store_getter: Callable[[], Any],
+        answers: DayAnswers,
+        *,
+        enabled: bool = True,
+        max_rows: int = 2_000_000,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        """``settings``: the SQL API's limits, applied to the engine
+        evaluations of the query's own expressions."""
+        self._store = store_getter
+        self.settings = dict(settings or {})
+        self.answers = answers
+        self.enabled = enabled
+        self.max_rows = max_rows
+        self._lock = threading.Lock()
+        self._days: OrderedDict[tuple[str, date], _Day] = OrderedDict()
+        self._held_rows = 0
+        # Invalidation generations: a load keeps its rows only if neither
+        # moved while it read (see invalidate).
+        self._generation = 0
+        self._day_generation: dict[date, int] = {}
+        self._dictionaries: dict[tuple[str, str], _Dictionary] = {}
+        # (kind, table, sql) -> {window start s | dimension code: value}
+        self._evaluated: dict[tuple[str, str, str], dict[int, Any]] = {}
+        self._plans: OrderedDict[str, _Plan | str] = OrderedDict()
+        self.stats = {
+            "answered": 0,
+            "declined": 0,
+            "days_loaded": 0,
+            "days_evicted": 0,
+            "days_invalidated": 0,
+            "evaluations": 0,
+        }
+
+    @property
+    def store(self) -> Any:
+        return self._store()
+
+    # -- invalidation -------------------------------------------------------------------
+    def invalidate(self, start_ms: int, end_ms: int) -> int:
+        """Forget the days overlapping ``[start_ms, end_ms)``; a load in
+        flight for one of them is discarded. Call after
+        ``DayAnswers.mark_stale`` (QueryService.on_revised does)."""
+        if end_ms <= start_ms:
+            return 0
+        first, last = day_of(start_ms), day_of(end_ms - 1)
+        with self._lock:
+            if (last - first).days > 4000:
+                self._generation += 1
+                dropped = len(self._days)
+                self._days.clear()
+                self._held_rows = 0
+            else:
+                dropped = 0
+                for key in [k for k in self._days if first <= k[1] <= last]:
+                    self._held_rows -= self._days.pop(key).rows
+                    dropped += 1
+                day = first
+                while day <= last:
+                    self._day_generation[day] = self._day_generation.get(day, 0) + 1
+                    day = date.fromordinal(day.toordinal() + 1)
+            self.stats["days_invalidated"] += dropped
+        return dropped
+
+    def clear(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._days.clear()
+            self._held_rows = 0
+
+    def held(self) -> dict[str, Any]:
+        with self._lock:
+            return {"days": len(self._days), "rows": self._held_rows, **self.stats}
+
+    # -- answering ------------------------------------------------------------------------
+    def explain(self, route: Route) -> str:
+        """Whether the tier would answer ``route`` now, in words."""
+        if not self.enabled:
+            return "off (query.rollup_tier = false)"
+        try:
+            plan = self._plan(route)
+            self._check_final(plan)
+        except Declined as exc:
+            return f"not used: {exc}"
+        return "used: every day of the range is final and held in memory (or read once)"
+
+    def answer(self, route: Route) -> tuple[QueryResult | None, str]:
+        """(the answer, "") or (None, why not)."""
+        if not self.enabled:
+            return None, "off"
+        started = time.perf_counter()
+        try:
+            plan = self._plan(route)
+            days = self._check_final(plan)
+            entries = [self._day(plan, day) for day in days]
+            result = self._evaluate(plan, entries)
+        except Declined as exc:
+            self.stats["declined"] += 1
+            return None, str(exc)
+        self.stats["answered"] += 1
+        result.meta["query_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        return result, ""
+
+    # -- planning ---------------------------------------------------------------------------
+    def _plan(self, route: Route) -> _Plan:
+        with self._lock:
+            found = self._plans.get(route.sql)
+        if found is None:
+            try:
+                found = self._compile(route)
+            except Declined as exc:
+                found = str(exc)
+            with self._lock:
+                self._plans[route.sql] = found
+                while len(self._plans) > MAX_PLANS:
+                    self._plans.popitem(last=False)
+        if isinstance(found, str):
+            raise Declined(found)
+        return found
+
+    @staticmethod
+    def _compile(route: Route) -> _Plan:
+        shape = route.shape
+        if route.served_from not in ("rollup_5m", "rollup_1d") or shape is None:
+            raise Declined("not a rollup route")
+        if shape.unsupported:
+            raise Declined(shape.unsupported)
+        if shape.start_ms is None or shape.end_ms is None:
+            raise Declined("the range is open-ended")
+        select = shape.select
+        if select.args.get("distinct"):
+            raise Declined("DISTINCT")
+        group_node = select.args.get("group")
+        if group_node is not None and any(
+            value for key, value in group_node.args.items() if key != "expressions"
+        ):
+            raise Declined("GROUP BY modifiers (ROLLUP, CUBE, TOTALS)")
+        metric = shape.metric
+        dimensions = list(metric.dimensions)
+        filters: list[tuple[int, str]] = []
+        for conjunct in shape.filters:
+            used = _columns_of(conjunct)
+            if len(used) != 1 or next(iter(used)) not in dimensions:
+                raise Declined("a filter uses more than one dimension")
+            filters.append(
+                (
+                    dimensions.index(next(iter(used))),
+                    _unqualified(conjunct).sql(dialect="clickhouse", comments=False),
+                )
+            )
+        keys: list[_Key] = []
+        key_texts: list[str] = []
+        for expression, is_time in zip(shape.group, shape.time_group, strict=True):
+            used = _columns_of(expression)
+            key_texts.append(expression.sql(dialect="clickhouse", comments=False))
+            if is_time:
+                if used != {"ts"}:
+                    raise Declined("a time key uses more than ts")
+                keys.append(
+                    _Key(
+                        True,
+                        -1,
+                        _unqualified(expression, "window_start").sql(
+                            dialect="clickhouse", comments=False
+                        ),
+                    )
+                )
+                continue
+            if len(used) != 1 or next(iter(used)) not in dimensions:
+                raise Declined("a GROUP BY key uses no dimension or several")
+            index = dimensions.index(next(iter(used)))
+            bare = isinstance(expression, exp.Column)
+            text = "" if bare else _unqualified(expression).sql(dialect="clickhouse", comments=False)
+            keys.append(_Key(False, index, text))
+        outputs: list[tuple[str, Any]] = []
+        for name, index, expression in shape.projections:
+            if index is not None:
+                aggregation = metric.aggregations[index]
+                if aggregation.function == "uniq":
+                    raise Declined("uniq states merge only inside the engine")
+                outputs.append((aggregation.function, aggregation.alias))
+                continue
+            if expression is None:
+                raise Declined(f"output {name!r} is not an aggregation of the metric")
+            text = expression.sql(dialect="clickhouse", comments=False)
+            if text not in key_texts:
+                raise Declined(f"output {name!r} is not a GROUP BY key")
+            outputs.append(("key", key_texts.index(text)))
+        if not keys and any(kind == "key" for kind, _ in outputs):
+            raise Declined("a non-aggregate output without GROUP BY")
+        return _Plan(
+            metric=metric,
+            table=route.table,
+            start_ms=shape.start_ms,
+            end_ms=shape.end_ms,
+            filters=tuple(filters),
+            keys=tuple(keys),
+            outputs=tuple(outputs),
+            columns=tuple(name for name, _, _ in shape.projections),
+            order=shape.order,
+            limit=shape.limit,
+            offset=shape.offset,
+        )
+
+    def _check_final(self, plan: _Plan) -> list[date]:
+        first, last = day_of(plan.start_ms), day_of(plan.end_ms - 1)
+        frontier = self.answers.local_frontier
+        if frontier is None:
+            raise Declined("no day is final in this process yet (no local DayFinalizer frontier)")
+        if last >= frontier:
+            raise Declined(f"the range reaches past the finalized days (frontier {frontier})")
+        if self.answers.any_stale(first, last):
+            raise Declined("a day of the range was revised and is not recomputed yet")
+        count = (last - first).days + 1
+        return [date.fromordinal(first.toordinal() + i) for i in range(count)]
+
+    # -- loading ------------------------------------------------------------------------------
+    def _day(self, plan: _Plan, day: date) -> _Day:
+        key = (plan.table, day)
+        with self._lock:
+            found = self._days.get(key)
+            if found is not None:
+                self._days.move_to_end(key)
+                return found
+            generation = (self._generation, self._day_generation.get(day, 0))
+        # Stale marks are checked after the generations were read: an
+        # invalidation that lands in between moves the generation.
+        if self.answers.any_stale(day, day):
+            raise Declined("a day of the range was revised and is not recomputed yet")
+        loaded = self._load(plan, day)
+        if loaded.rows > self.max_rows:
+            raise Declined(f"day {day} has {loaded.rows:,} rows, over query.rollup_tier_max_rows")
+        with self._lock:
+            if (self._generation, self._day_generation.get(day, 0)) != generation:
+                raise Declined("a day of the range was revised while it was read")
+            if key not in self._days:
+                self._days[key] = loaded
+                self._held_rows += loaded.rows
+                self.stats["days_loaded"] += 1
+            while self._held_rows > self.max_rows and len(self._days) > 1:
+                _, evicted = self._days.popitem(last=False)
+                self._held_rows -= evicted.rows
+                self.stats["days_evicted"] += 1
+            return self._days[key]
+
+    def _load(self, plan: _Plan, day: date) -> _Day:
+        metric = plan.metric
+        selects = ["toInt64(toUnixTimestamp(window_start)) AS __ws"]
+        selects += [f"toString({d}) AS {d}" for d in metric.dimensions]
+        aggregations = [a for a in metric.aggregations if a.function != "uniq"]
+        selects += [f"finalizeAggregation({a.alias}) AS {a.alias}" for a in aggregations]
+        lower = datetime.fromtimestamp(day_ms(day) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        upper = datetime.fromtimestamp((day_ms(day) + DAY_MS) / 1000, UTC).strftime(
+            "%Y-%m-%d %H:%M:%S"
+        )
+        table: pa.Table = self.store.query_arrow(
+            f"SELECT {', '.join(selects)} FROM {plan.table} FINAL "
+            f"WHERE window_start >= toDateTime('{lower}', 'UTC') "
+            f"AND window_start < toDateTime('{upper}', 'UTC')"
+        )
+        ws = table.column("__ws").to_numpy().astype(np.int64, copy=False)
+        dims: list[np.ndarray] = []
+        for dimension in metric.dimensions:
+            column = table.column(dimension).combine_chunks()
+            if not pa.types.is_dictionary(column.type):
+                column = column.dictionary_encode()
+            strings = [
+                v.decode() if isinstance(v, bytes) else str(v)
+                for v in column.dictionary.to_pylist()
+            ]
+            with self._lock:
+                dictionary = self._dictionaries.setdefault((plan.table, dimension), _Dictionary())
+                codes = dictionary.encode(strings)
+            indices = column.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            dims.append(codes[indices] if len(codes) else indices)
+        values = {
+            a.alias: table.column(a.alias).to_numpy(zero_copy_only=False)
+            for a in aggregations
+        }
+        return _Day(ws, dims, values)
+
+    # -- evaluation by the engine, remembered -------------------------------------------------
+    def _time_values(self, plan: _Plan, key: _Key, starts: np.ndarray) -> list[Any]:
+        """The bucket expression's value for each window start (epoch s)."""
+        memo = self._memo(("time", plan.table, key.sql))
+        wanted = starts.tolist()
+        missing = [s for s in wanted if s not in memo]
+        if missing:
+            _, rows = self.store.query_rows(
+                f"SELECT __w, {key.sql} FROM (SELECT arrayJoin({{w:Array(Int64)}}) AS __w, "
+                "toDateTime(__w, 'UTC') AS window_start)",
+                {"w": missing},
+                self.settings,
+            )
+            self.stats["evaluations"] += 1
+            with self._lock:
+                memo.update({int(w): value for w, value in rows})
+        return [memo[s] for s in wanted]
+
+    def _dimension_values(self, plan: _Plan, index: int, sql: str, kind: str) -> list[Any]:
+        """``sql`` (over the dimension column) for every code of the
+        dimension's dictionary."""
+        dimension = plan.metric.dimensions[index]
+        with self._lock:
+            dictionary = self._dictionaries.setdefault((plan.table, dimension), _Dictionary())
+            values = list(dictionary.values)
+        memo = self._memo((kind, plan.table, sql))
+        missing = [i for i in range(len(values)) if i not in memo]
+        if missing:
+            _, rows = self.store.query_rows(
+                f"SELECT __r.1, {sql} FROM (SELECT arrayJoin(arrayZip({{i:Array(UInt32)}}, "
+                f"{{v:Array(String)}})) AS __r, toLowCardinality(__r.2) AS {dimension})",
+                {"i": missing, "v": [values[i] for i in missing]},
+                self.settings,
+            )
+            self.stats["evaluations"] += 1
+            with self._lock:
+                memo.update({int(i): value for i, value in rows})
+        return [memo[i] for i in range(len(values))]
+
+    def _memo(self, key: tuple[str, str, str]) -> dict[int, Any]:
+        with self._lock:
+            memo = self._evaluated.get(key)
+            if memo is None or len(memo) > MAX_VALUES_PER_EXPRESSION:
+                memo = self._evaluated[key] = {}
+            return memo
+
+    # -- evaluation in numpy --------------------------------------------------------------------
+    def _evaluate(self, plan: _Plan, entries: list[_Day]) -> QueryResult:
+        total = sum(e.rows for e in entries)
+        if total > MAX_QUERY_ROWS:
+            raise Declined(f"{total:,} rollup rows in the range, over {MAX_QUERY_ROWS:,}")
+        if len(entries) == 1:
+            ws, dims, values = entries[0].ws, entries[0].dims, entries[0].values
+        elif entries:
+            ws = np.concatenate([e.ws for e in entries])
+            dims = [np.concatenate([e.dims[i] for e in entries]) for i in range(len(plan.metric.dimensions))]
+            values = {
+                alias: np.concatenate([e.values[alias] for e in entries])
+                for alias in entries[0].values
+            }
+        else:
+            raise Declined("empty range")
+        mask: np.ndarray | None = None
+        if plan.start_ms % DAY_MS or plan.end_ms % DAY_MS:
+            mask = (ws >= plan.start_ms // 1000) & (ws < plan.end_ms // 1000)
+        for index, sql in plan.filters:
+            allowed = np.asarray(
+                [bool(v) for v in self._dimension_values(plan, index, sql, "filter")], dtype=bool
+            )
+            hit = allowed[dims[index]] if len(allowed) else np.zeros(len(ws), dtype=bool)
+            mask = hit if mask is None else mask & hit
+        if mask is not None:
+            ws = ws[mask]
+            dims = [d[mask] for d in dims]
+            values = {alias: v[mask] for alias, v in values.items()}
+        rows_in = int(ws.shape[0])
+        if not plan.keys and rows_in == 0:
+            raise Declined("no rows: the engine's answer for an empty aggregate stands")
+
+        # Group ids per key.
+        key_ids: list[np.ndarray] = []
+        key_values: list[list[Any]] = []
+        for key in plan.keys:
+            if key.time:
+                starts, inverse = np.unique(ws, return_inverse=True)
+                evaluated = self._time_values(plan, key, starts)
+                ids, distinct = _intern(evaluated)
+                key_ids.append(ids[inverse] if len(ids) else inverse)
+                key_values.append(distinct)
+            else:
+                dimension = plan.metric.dimensions[key.dimension]
+                with self._lock:
+                    names = list(self._dictionaries[(plan.table, dimension)].values)
+                if key.sql:
+                    evaluated = self._dimension_values(plan, key.dimension, key.sql, "key")
+                    ids, distinct = _intern(evaluated)
+                    key_ids.append(ids[dims[key.dimension]] if len(ids) else dims[key.dimension])
+                    key_values.append(distinct)
+                else:
+                    key_ids.append(dims[key.dimension])
+                    key_values.append(names)
+        if key_ids:
+            sizes = [max(len(v), 1) for v in key_values]
+            if float(np.prod(np.asarray(sizes, dtype=np.float64))) >= 2.0**62:
+                raise Declined("too many key combinations")
+            combined = np.ravel_multi_index(key_ids, sizes) if len(key_ids) > 1 else key_ids[0]
+            _, first, inverse = np.unique(combined, return_index=True, return_inverse=True)
+        else:
+            first = np.zeros(1, dtype=np.int64)
+            inverse = np.zeros(rows_in, dtype=np.int64)
+        groups = int(first.shape[0])
+        single = groups == rows_in  # every group is one rollup row
+        if not single:
+            order = np.argsort(inverse, kind="stable")
+            sorted_groups = inverse[order]
+            bounds = np.flatnonzero(np.diff(sorted_groups)) + 1
+            starts_at = np.concatenate([np.zeros(1, dtype=np.int64), bounds])
+
+        columns_out: list[list[Any]] = []
+        sort_arrays: list[np.ndarray] = []
+        for kind, ref in plan.outputs:
+            if kind == "key":
+                ids = key_ids[ref][first]
+                distinct = key_values[ref]
+                columns_out.append([distinct[i] for i in ids.tolist()])
+                sort_arrays.append(_sort_rank(distinct)[ids] if len(distinct) else ids)
+                continue
+            column = values[ref]
+            if single:
+                merged = column[first]
+            elif kind == "count":
+                merged = np.add.reduceat(column[order].astype(np.uint64), starts_at)
+            elif kind == "min":
+                merged = np.minimum.reduceat(column[order], starts_at)
+            elif kind == "max":
+                merged = np.maximum.reduceat(column[order], starts_at)
+            else:
+                raise Declined(f"{kind} over several rollup rows per group")
+            if merged.dtype.kind == "f" and bool(np.isnan(merged).any()):
+                raise Declined("NaN in an aggregate")
+            columns_out.append(merged.tolist())
+            sort_arrays.append(merged)
+
+        permutation: np.ndarray | None = None
+        if plan.order and groups > 1:
+            sort_keys = []
+            for index, descending in reversed(plan.order):
+                array = sort_arrays[index]
+                if descending:
+                    array = -(array.astype(np.float64) if array.dtype.kind == "u" else array)
+                sort_keys.append(array)
+            permutation = np.lexsort(sort_keys)
+        if permutation is not None:
+            columns_out = [[column[i] for i in permutation.tolist()] for column in columns_out]
+        rows = list(zip(*columns_out, strict=True)) if columns_out else []
+        rows = rows[plan.offset :]
+        if plan.limit is not None:
+            rows = rows[: plan.limit]
+        if len(rows) > int(self.settings.get("max_result_rows") or 2**62):
+            raise Declined("more rows than query.sql_max_rows: the engine reports it")
+        return QueryResult(
+            list(plan.columns),
+            rows,
+            {"rollup_tier": "memory", "tier_rows": rows_in},
+        )
+
+
+def _intern(values: list[Any]) -> tuple[np.ndarray, list[Any]]:
+    """Ids of ``values`` (equal values, equal id) and the distinct values."""
+    seen: dict[Any, int] = {}
+    ids = np.fromiter(
+        (seen.setdefault(v, len(seen)) for v in values), dtype=np.int64, count=len(values)
+    )
+    return ids, list(seen)
