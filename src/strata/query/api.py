@@ -169,6 +169,7 @@ class CoreAPI:
             "live_windows": meta.get("live_windows"),
             "live_buckets": meta.get("live_buckets", 0),
             "live_from": meta.get("live_from"),
+            "rollup_tier": meta.get("rollup_tier"),
             "elapsed_ms": round(elapsed, 3),
         }
 

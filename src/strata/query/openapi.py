@@ -141,6 +141,14 @@ def build_spec() -> dict[str, Any]:
                                         "columns": {"type": "array", "items": {"type": "string"}},
                                         "rows": {"type": "array", "items": {"type": "array"}},
                                         "reason": {"type": "string"},
+                                        "rollup_tier": {
+                                            "type": ["string", "null"],
+                                            "description": (
+                                                "`memory` when a rollup route was answered "
+                                                "from finalized rollup rows held in memory "
+                                                "(decision 102), else null."
+                                            ),
+                                        },
                                         **_COMPLETENESS,
                                     },
                                 }
