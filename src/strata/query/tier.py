@@ -263,7 +263,7 @@ class RollupTier:
         try:
             plan = self._plan(route)
             days = self._check_final(plan)
-            entries = [self._day(plan, day) for day in days]
+            entries = self._entries(plan, days)
             result = self._evaluate(plan, entries)
         except Declined as exc:
             self.stats["declined"] += 1
@@ -386,48 +386,68 @@ class RollupTier:
         return [date.fromordinal(first.toordinal() + i) for i in range(count)]
 
     # -- loading ------------------------------------------------------------------------------
-    def _day(self, plan: _Plan, day: date) -> _Day:
-        key = (plan.table, day)
+    def _entries(self, plan: _Plan, days: list[date]) -> list[_Day]:
+        """The held rows of ``days``; the missing ones are read in one query."""
+        held: dict[date, _Day] = {}
+        missing: list[date] = []
         with self._lock:
-            found = self._days.get(key)
-            if found is not None:
-                self._days.move_to_end(key)
-                return found
-            generation = (self._generation, self._day_generation.get(day, 0))
-        # Stale marks are checked after the generations were read: an
-        # invalidation that lands in between moves the generation.
-        if self.answers.any_stale(day, day):
-            raise Declined("a day of the range was revised and is not recomputed yet")
-        loaded = self._load(plan, day)
-        if loaded.rows > self.max_rows:
-            raise Declined(f"day {day} has {loaded.rows:,} rows, over query.rollup_tier_max_rows")
-        with self._lock:
-            if (self._generation, self._day_generation.get(day, 0)) != generation:
-                raise Declined("a day of the range was revised while it was read")
-            if key not in self._days:
-                self._days[key] = loaded
-                self._held_rows += loaded.rows
-                self.stats["days_loaded"] += 1
-            while self._held_rows > self.max_rows and len(self._days) > 1:
-                _, evicted = self._days.popitem(last=False)
-                self._held_rows -= evicted.rows
-                self.stats["days_evicted"] += 1
-            return self._days[key]
+            for day in days:
+                found = self._days.get((plan.table, day))
+                if found is None:
+                    missing.append(day)
+                else:
+                    self._days.move_to_end((plan.table, day))
+                    held[day] = found
+            generations = {day: self._day_generation.get(day, 0) for day in missing}
+            generation = self._generation
+        if missing:
+            # Stale marks are checked after the generations were read: an
+            # invalidation that lands in between moves a generation.
+            if self.answers.any_stale(missing[0], missing[-1]):
+                raise Declined("a day of the range was revised and is not recomputed yet")
+            loaded = self._load(plan, missing[0], missing[-1])
+            rows = sum(loaded[day].rows for day in missing)
+            with self._lock:
+                if generation != self._generation or any(
+                    self._day_generation.get(day, 0) != generations[day] for day in missing
+                ):
+                    raise Declined("a day of the range was revised while it was read")
+                if rows + sum(e.rows for e in held.values()) <= self.max_rows:
+                    for day in missing:
+                        key = (plan.table, day)
+                        if key not in self._days:
+                            self._days[key] = loaded[day]
+                            self._held_rows += loaded[day].rows
+                            self.stats["days_loaded"] += 1
+                    while self._held_rows > self.max_rows and self._days:
+                        _, evicted = self._days.popitem(last=False)
+                        self._held_rows -= evicted.rows
+                        self.stats["days_evicted"] += 1
+                else:
+                    raise Declined(
+                        f"the range holds more rollup rows than query.rollup_tier_max_rows "
+                        f"({self.max_rows:,})"
+                    )
+            held.update({day: loaded[day] for day in missing})
+        return [held[day] for day in days]
 
-    def _load(self, plan: _Plan, day: date) -> _Day:
+    def _load(self, plan: _Plan, first: date, last: date) -> dict[date, _Day]:
+        """Rows of every day in ``[first, last]`` (empty days too)."""
         metric = plan.metric
         selects = ["toInt64(toUnixTimestamp(window_start)) AS __ws"]
         selects += [f"toString({d}) AS {d}" for d in metric.dimensions]
         aggregations = [a for a in metric.aggregations if a.function != "uniq"]
         selects += [f"finalizeAggregation({a.alias}) AS {a.alias}" for a in aggregations]
-        lower = datetime.fromtimestamp(day_ms(day) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        upper = datetime.fromtimestamp((day_ms(day) + DAY_MS) / 1000, UTC).strftime(
+        lower = datetime.fromtimestamp(day_ms(first) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        upper = datetime.fromtimestamp((day_ms(last) + DAY_MS) / 1000, UTC).strftime(
             "%Y-%m-%d %H:%M:%S"
         )
         table: pa.Table = self.store.query_arrow(
             f"SELECT {', '.join(selects)} FROM {plan.table} FINAL "
             f"WHERE window_start >= toDateTime('{lower}', 'UTC') "
-            f"AND window_start < toDateTime('{upper}', 'UTC')"
+            f"AND window_start < toDateTime('{upper}', 'UTC') ORDER BY window_start",
+            None,
+            self.settings,
         )
         ws = table.column("__ws").to_numpy().astype(np.int64, copy=False)
         dims: list[np.ndarray] = []
@@ -448,7 +468,19 @@ class RollupTier:
             a.alias: table.column(a.alias).to_numpy(zero_copy_only=False)
             for a in aggregations
         }
-        return _Day(ws, dims, values)
+        # Sorted by window_start: each day is one slice.
+        first_s = day_ms(first) // 1000
+        count = (last - first).days + 1
+        edges = np.searchsorted(ws, first_s + 86_400 * np.arange(count + 1, dtype=np.int64))
+        out: dict[date, _Day] = {}
+        for i in range(count):
+            lo, hi = int(edges[i]), int(edges[i + 1])
+            out[date.fromordinal(first.toordinal() + i)] = _Day(
+                ws[lo:hi].copy(),
+                [d[lo:hi].copy() for d in dims],
+                {alias: v[lo:hi].copy() for alias, v in values.items()},
+            )
+        return out
 
     # -- evaluation by the engine, remembered -------------------------------------------------
     def _time_values(self, plan: _Plan, key: _Key, starts: np.ndarray) -> list[Any]:
