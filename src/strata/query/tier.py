@@ -445,10 +445,16 @@ class RollupTier:
         table: pa.Table = self.store.query_arrow(
             f"SELECT {', '.join(selects)} FROM {plan.table} FINAL "
             f"WHERE window_start >= toDateTime('{lower}', 'UTC') "
-            f"AND window_start < toDateTime('{upper}', 'UTC') ORDER BY window_start",
-            None,
-            self.settings,
+            f"AND window_start < toDateTime('{upper}', 'UTC') ORDER BY window_start "
+            f"LIMIT {self.max_rows + 1}",
+            # Not the SQL API's settings: this query is the tier's own, and
+            # chDB applies query_arrow's settings with SET (readonly would stay).
         )
+        if table.num_rows > self.max_rows:
+            raise Declined(
+                f"the range holds more rollup rows than query.rollup_tier_max_rows "
+                f"({self.max_rows:,})"
+            )
         ws = table.column("__ws").to_numpy().astype(np.int64, copy=False)
         dims: list[np.ndarray] = []
         for dimension in metric.dimensions:
@@ -600,13 +606,14 @@ class RollupTier:
             bounds = np.flatnonzero(np.diff(sorted_groups)) + 1
             starts_at = np.concatenate([np.zeros(1, dtype=np.int64), bounds])
 
-        columns_out: list[list[Any]] = []
+        # Per output: a numpy array per group (key ids or merged values).
+        arrays: list[np.ndarray] = []
         sort_arrays: list[np.ndarray] = []
         for kind, ref in plan.outputs:
             if kind == "key":
                 ids = key_ids[ref][first]
+                arrays.append(ids)
                 distinct = key_values[ref]
-                columns_out.append([distinct[i] for i in ids.tolist()])
                 sort_arrays.append(_sort_rank(distinct)[ids] if len(distinct) else ids)
                 continue
             column = values[ref]
@@ -622,10 +629,10 @@ class RollupTier:
                 raise Declined(f"{kind} over several rollup rows per group")
             if merged.dtype.kind == "f" and bool(np.isnan(merged).any()):
                 raise Declined("NaN in an aggregate")
-            columns_out.append(merged.tolist())
+            arrays.append(merged)
             sort_arrays.append(merged)
 
-        permutation: np.ndarray | None = None
+        selected: np.ndarray | slice = slice(None)
         if plan.order and groups > 1:
             sort_keys = []
             for index, descending in reversed(plan.order):
@@ -633,13 +640,24 @@ class RollupTier:
                 if descending:
                     array = -(array.astype(np.float64) if array.dtype.kind == "u" else array)
                 sort_keys.append(array)
-            permutation = np.lexsort(sort_keys)
-        if permutation is not None:
-            columns_out = [[column[i] for i in permutation.tolist()] for column in columns_out]
+            selected = np.lexsort(sort_keys)
+        if plan.offset or plan.limit is not None:
+            upper = None if plan.limit is None else plan.offset + plan.limit
+            selected = (
+                np.arange(groups)[plan.offset : upper]
+                if isinstance(selected, slice)
+                else selected[plan.offset : upper]
+            )
+        columns_out: list[list[Any]] = []
+        for (kind, ref), array in zip(plan.outputs, arrays, strict=True):
+            picked = array[selected]
+            if kind == "key":
+                distinct = key_values[ref]
+                lookup = np.fromiter(distinct, dtype=object, count=len(distinct))
+                columns_out.append(lookup[picked].tolist() if len(lookup) else [])
+            else:
+                columns_out.append(picked.tolist())
         rows = list(zip(*columns_out, strict=True)) if columns_out else []
-        rows = rows[plan.offset :]
-        if plan.limit is not None:
-            rows = rows[: plan.limit]
         if len(rows) > int(self.settings.get("max_result_rows") or 2**62):
             raise Declined("more rows than query.sql_max_rows: the engine reports it")
         return QueryResult(
