@@ -124,7 +124,10 @@ class QueryService:
         self.tier = RollupTier(
             store_getter,
             self.day_answers,
-            enabled=config.query.rollup_tier,
+            # Only on the embedded engine: no other process can write a
+            # chDB directory, so every write reaches on_revised here. With
+            # a ClickHouse server, `strata batch` elsewhere could rewrite days.
+            enabled=config.query.rollup_tier and config.store.backend == "chdb",
             max_rows=config.query.rollup_tier_max_rows,
             settings=sql_settings(config),
         )

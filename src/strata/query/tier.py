@@ -247,7 +247,7 @@ class RollupTier:
     def explain(self, route: Route) -> str:
         """Whether the tier would answer ``route`` now, in words."""
         if not self.enabled:
-            return "off (query.rollup_tier = false)"
+            return "off (query.rollup_tier = false, or the store is a ClickHouse server)"
         try:
             plan = self._plan(route)
             self._check_final(plan)
