@@ -195,7 +195,12 @@ class Pipeline:
         if watermark is not None:
             REGISTRY.set("strata_watermark_delay_seconds", max(0.0, (now - watermark) / 1000))
         REGISTRY.set("strata_log_end_offset", sum(ends.values()), {"topic": "events"})
+        tier = self._query.tier.held() if self._query is not None else None
+        if tier is not None:
+            REGISTRY.set("strata_rollup_tier_rows", tier["rows"])
+            REGISTRY.set("strata_rollup_tier_days", tier["days"])
         return {
+            "rollup_tier": tier,
             "lag_events": lag_total,
             "watermark": iso(watermark),
             "log": {
