@@ -42,13 +42,33 @@ goes to the engine exactly as before:
 Time buckets, filters and derived dimension keys are evaluated by the
 engine itself, once per distinct window start or dimension value, and
 remembered: they mean exactly what they mean in the routed SQL. Grouping,
-merging, ORDER BY, OFFSET and LIMIT run in numpy. tests/test_rollup_tier.py
-compares every answer with the engine's answer to the routed SQL.
+merging, ORDER BY, OFFSET and LIMIT run in numpy. Where Python could differ
+from the engine, the tier declines instead:
+
+* an expression calling a function the engine does not call deterministic
+  (``system.functions``: ``now()``, ``rand()``, ``arrayJoin``,
+  ``runningDifference``, ``dictGet`` ...) or an aggregate: its value cannot
+  be remembered (checked once per expression with ``EXPLAIN AST``); an
+  expression the engine fails to evaluate over the dictionary's values (it
+  may include values outside the query's rows); a filter that is not a
+  number;
+* a key value of the query's rows that is not valid UTF-8 (``substring``
+  of 'Ü': the client decodes it to a str that neither groups nor sorts like
+  the engine's bytes), NaN or -0.0 (grouped differently), or unhashable
+  (arrays, maps); an ORDER BY key that is NULL or not a string, number or
+  date (strings compare by code point, which is UTF-8 byte order, as in the
+  engine);
+* an empty answer: chDB's empty answer names its columns or not depending
+  on how the query ran (none after GROUP BY over no rows, all under LIMIT 0).
+
+tests/test_rollup_tier.py and tests/test_rollup_tier_fuzz.py compare
+answers with the engine's answer to the routed SQL.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -67,6 +87,9 @@ from strata.query.results import QueryResult
 from strata.query.router import DAY_MS, Route
 
 log = logging.getLogger("strata.query.tier")
+
+# A function node of ``EXPLAIN AST`` output ("    Function lower (children 1)").
+_AST_FUNCTION = re.compile(r"^\s*Function (\S+)")
 
 # A query whose range holds more rows than this goes to the engine (numpy
 # over millions of rows is no faster than chDB).
@@ -155,12 +178,24 @@ def _columns_of(node: exp.Expression) -> set[str]:
     return {c.name for c in node.find_all(exp.Column)}
 
 
-def _sort_rank(values: list[Any]) -> np.ndarray:
+def _sort_rank(values: list[Any], used: np.ndarray) -> np.ndarray:
     """Rank of each value in ascending engine order (strings by code point,
-    which is UTF-8 byte order; dates and numbers by value)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    rank = np.empty(len(values), dtype=np.int64)
-    rank[np.asarray(order, dtype=np.int64)] = np.arange(len(values), dtype=np.int64)
+    which is UTF-8 byte order; dates and numbers by value). NULL (the
+    engine puts it last in both directions unless told otherwise) and values
+    of types whose order may differ from the engine's are declined. Only
+    the values at ``used`` indices are ranked (the others rank 0)."""
+    wanted = np.unique(used).tolist()
+    for value in (values[i] for i in wanted):
+        if value is None:
+            raise Declined("NULL in an ORDER BY key")
+        if not isinstance(value, str | bytes | int | float | date):
+            raise Declined(f"ORDER BY over {type(value).__name__} keys")
+    try:
+        order = sorted(wanted, key=lambda i: values[i])
+    except TypeError as exc:
+        raise Declined(f"ORDER BY key values do not compare: {exc}") from None
+    rank = np.zeros(len(values), dtype=np.int64)
+    rank[np.asarray(order, dtype=np.int64)] = np.arange(len(order), dtype=np.int64)
     return rank
 
 
@@ -194,6 +229,10 @@ class RollupTier:
         # (kind, table, sql) -> {window start s | dimension code: value}
         self._evaluated: dict[tuple[str, str, str], dict[int, Any]] = {}
         self._plans: OrderedDict[str, _Plan | str] = OrderedDict()
+        # Expression text -> why it must not be remembered ("" when it may);
+        # function name -> deterministic scalar (see _check_functions).
+        self._verdicts: dict[str, str] = {}
+        self._functions: dict[str, bool] | None = None
         self.stats = {
             "answered": 0,
             "declined": 0,
@@ -287,7 +326,71 @@ class RollupTier:
                     self._plans.popitem(last=False)
         if isinstance(found, str):
             raise Declined(found)
+        self._check_functions(found)
         return found
+
+    def _check_functions(self, plan: _Plan) -> None:
+        """Decline expressions the tier must not evaluate once and remember:
+        every function they call must be deterministic for the engine
+        (``system.functions.deterministic``: not ``now()``, ``rand()``,
+        ``arrayJoin``, ``runningDifference`` or ``dictGet``, whose values
+        change between calls, rows or blocks) and not an aggregate. The
+        engine names the functions (``EXPLAIN AST``), so operators count
+        too; each expression is checked once."""
+        texts = [sql for _, sql in plan.filters] + [key.sql for key in plan.keys if key.sql]
+        with self._lock:
+            unknown = [t for t in dict.fromkeys(texts) if t not in self._verdicts]
+        if unknown:
+            allowed = self._function_table()
+            verdicts = {}
+            for text in unknown:
+                try:
+                    _, rows = self.store.query_rows(f"EXPLAIN AST SELECT {text}")
+                except Exception:  # the engine reports the routed query's error
+                    verdicts[text] = f"the engine cannot parse {text}"
+                    continue
+                names = [
+                    match.group(1)
+                    for (line, *_) in rows
+                    if (match := _AST_FUNCTION.match(str(line))) is not None
+                ]
+                bad = [
+                    n for n in names if not allowed.get(n, allowed.get(n.lower() + "\0", False))
+                ]
+                verdicts[text] = (
+                    f"{bad[0]} is not a deterministic scalar function: its values are not "
+                    "remembered"
+                    if bad
+                    else ""
+                )
+            with self._lock:
+                if len(self._verdicts) > MAX_PLANS * 8:
+                    self._verdicts.clear()
+                self._verdicts.update(verdicts)
+        for text in texts:
+            with self._lock:
+                verdict = self._verdicts.get(text, "")
+            if verdict:
+                raise Declined(verdict)
+
+    def _function_table(self) -> dict[str, bool]:
+        """Function name -> deterministic scalar (case-insensitive names
+        also as ``lower(name) + NUL``); read once."""
+        with self._lock:
+            if self._functions is not None:
+                return self._functions
+        _, rows = self.store.query_rows(
+            "SELECT name, deterministic = 1 AND is_aggregate = 0, case_insensitive "
+            "FROM system.functions"
+        )
+        table: dict[str, bool] = {}
+        for name, ok, insensitive in rows:
+            table[str(name)] = bool(ok)
+            if insensitive:
+                table[str(name).lower() + "\0"] = bool(ok)
+        with self._lock:
+            self._functions = table
+        return table
 
     @staticmethod
     def _compile(route: Route) -> _Plan:
@@ -495,16 +598,17 @@ class RollupTier:
         wanted = starts.tolist()
         missing = [s for s in wanted if s not in memo]
         if missing:
-            _, rows = self.store.query_rows(
-                f"SELECT __w, {key.sql} FROM (SELECT arrayJoin({{w:Array(Int64)}}) AS __w, "
+            rows = self._engine_values(
+                f"SELECT __w, {key.sql} AS __v, isValidUTF8(toString(__v)) FROM "
+                "(SELECT arrayJoin({w:Array(Int64)}) AS __w, "
                 "toDateTime(__w, 'UTC') AS window_start)",
                 {"w": missing},
-                self.settings,
+                key.sql,
+                len(missing),
             )
-            self.stats["evaluations"] += 1
             with self._lock:
-                memo.update({int(w): value for w, value in rows})
-        return [memo[s] for s in wanted]
+                memo.update(rows)
+        return _remembered(memo, wanted)
 
     def _dimension_values(self, plan: _Plan, index: int, sql: str, kind: str) -> list[Any]:
         """``sql`` (over the dimension column) for every code of the
@@ -516,16 +620,34 @@ class RollupTier:
         memo = self._memo((kind, plan.table, sql))
         missing = [i for i in range(len(values)) if i not in memo]
         if missing:
-            _, rows = self.store.query_rows(
-                f"SELECT __r.1, {sql} FROM (SELECT arrayJoin(arrayZip({{i:Array(UInt32)}}, "
-                f"{{v:Array(String)}})) AS __r, toLowCardinality(__r.2) AS {dimension})",
+            rows = self._engine_values(
+                f"SELECT __r.1, {sql} AS __v, isValidUTF8(toString(__v)) FROM "
+                "(SELECT arrayJoin(arrayZip({i:Array(UInt32)}, {v:Array(String)})) AS __r, "
+                f"toLowCardinality(__r.2) AS {dimension})",
                 {"i": missing, "v": [values[i] for i in missing]},
-                self.settings,
+                sql,
+                len(missing),
             )
-            self.stats["evaluations"] += 1
             with self._lock:
-                memo.update({int(i): value for i, value in rows})
-        return [memo[i] for i in range(len(values))]
+                memo.update(rows)
+        return _remembered(memo, range(len(values)))
+
+    def _engine_values(
+        self, query: str, parameters: dict[str, Any], sql: str, expected: int
+    ) -> dict[int, Any]:
+        """Input -> value of ``sql`` (``_INVALID`` where its text is not
+        valid UTF-8) from an evaluation query. A failure declines: the engine then runs the
+        routed query and reports its own error, if any (the tier evaluates
+        ``sql`` over every value the dictionary holds, which may include
+        values the query's rows do not)."""
+        try:
+            _, rows = self.store.query_rows(query, parameters, self.settings)
+        except Exception as exc:  # the engine's error is the routed query's to report
+            raise Declined(f"the engine could not evaluate {sql}: {str(exc)[:200]}") from None
+        self.stats["evaluations"] += 1
+        if len(rows) != expected or len({row[0] for row in rows}) != expected:
+            raise Declined(f"{sql} does not give one value per input")
+        return {int(key): _INVALID if valid == 0 else value for key, value, valid in rows}
 
     def _memo(self, key: tuple[str, str, str]) -> dict[int, Any]:
         with self._lock:
@@ -554,9 +676,11 @@ class RollupTier:
         if plan.start_ms % DAY_MS or plan.end_ms % DAY_MS:
             mask = (ws >= plan.start_ms // 1000) & (ws < plan.end_ms // 1000)
         for index, sql in plan.filters:
-            allowed = np.asarray(
-                [bool(v) for v in self._dimension_values(plan, index, sql, "filter")], dtype=bool
-            )
+            evaluated = self._dimension_values(plan, index, sql, "filter")
+            if any(not isinstance(v, int | float | None) for v in evaluated):
+                # The engine rejects a string (or array, ...) as a filter.
+                raise Declined(f"{sql} is not a number: the engine decides what it means")
+            allowed = np.asarray([bool(v) for v in evaluated], dtype=bool)
             hit = allowed[dims[index]] if len(allowed) else np.zeros(len(ws), dtype=bool)
             mask = hit if mask is None else mask & hit
         if mask is not None:
@@ -577,6 +701,7 @@ class RollupTier:
                 ids, distinct = _intern(evaluated)
                 key_ids.append(ids[inverse] if len(ids) else inverse)
                 key_values.append(distinct)
+                _check_valid(key_ids[-1], distinct, key.sql)
             else:
                 dimension = plan.metric.dimensions[key.dimension]
                 with self._lock:
@@ -586,6 +711,7 @@ class RollupTier:
                     ids, distinct = _intern(evaluated)
                     key_ids.append(ids[dims[key.dimension]] if len(ids) else dims[key.dimension])
                     key_values.append(distinct)
+                    _check_valid(key_ids[-1], distinct, key.sql)
                 else:
                     key_ids.append(dims[key.dimension])
                     key_values.append(names)
@@ -609,12 +735,16 @@ class RollupTier:
         # Per output: a numpy array per group (key ids or merged values).
         arrays: list[np.ndarray] = []
         sort_arrays: list[np.ndarray] = []
-        for kind, ref in plan.outputs:
+        ordered = {index for index, _ in plan.order} if groups > 1 else set()
+        for position, (kind, ref) in enumerate(plan.outputs):
             if kind == "key":
                 ids = key_ids[ref][first]
                 arrays.append(ids)
                 distinct = key_values[ref]
-                sort_arrays.append(_sort_rank(distinct)[ids] if len(distinct) else ids)
+                if position in ordered and len(distinct):
+                    sort_arrays.append(_sort_rank(distinct, ids)[ids])
+                else:
+                    sort_arrays.append(ids)
                 continue
             column = values[ref]
             if single:
@@ -658,6 +788,11 @@ class RollupTier:
             else:
                 columns_out.append(picked.tolist())
         rows = list(zip(*columns_out, strict=True)) if columns_out else []
+        if not rows:
+            # The engine's empty answer names its columns or not depending on
+            # how the query ran (chDB: none after GROUP BY over no rows, all
+            # of them under LIMIT 0): it answers those itself.
+            raise Declined("no rows: the engine's empty answer stands")
         if len(rows) > int(self.settings.get("max_result_rows") or 2**62):
             raise Declined("more rows than query.sql_max_rows: the engine reports it")
         return QueryResult(
@@ -667,10 +802,49 @@ class RollupTier:
         )
 
 
+# An evaluated value whose text is not valid UTF-8 (``substring`` of a
+# multi-byte character): the client decodes it to a str that neither groups
+# nor sorts like the engine's bytes.
+_INVALID = object()
+
+
+def _remembered(memo: dict[int, Any], wanted: Any) -> list[Any]:
+    """The remembered values (``_INVALID`` where not valid UTF-8)."""
+    try:
+        return [memo[item] for item in wanted]
+    except KeyError:
+        raise Declined("an evaluation lost a value") from None
+
+
+def _check_valid(ids: np.ndarray, distinct: list[Any], sql: str) -> None:
+    """Decline when a row's key value (``distinct[ids]``) is not valid UTF-8."""
+    for index, value in enumerate(distinct):
+        if value is _INVALID and bool((ids == index).any()):
+            raise Declined(f"{sql} gives a value that is not valid UTF-8")
+
+
 def _intern(values: list[Any]) -> tuple[np.ndarray, list[Any]]:
-    """Ids of ``values`` (equal values, equal id) and the distinct values."""
+    """Ids of ``values`` (equal values, equal id) and the distinct values.
+
+    Python equality must be the engine's GROUP BY equality: it is not for
+    NaN (the engine makes one group), -0.0 (the engine keeps it apart from
+    0.0) and unhashable values (arrays, maps), so those are declined."""
     seen: dict[Any, int] = {}
-    ids = np.fromiter(
-        (seen.setdefault(v, len(seen)) for v in values), dtype=np.int64, count=len(values)
-    )
+    try:
+        ids = np.fromiter(
+            (seen.setdefault(v, len(seen)) for v in values), dtype=np.int64, count=len(values)
+        )
+    except TypeError as exc:
+        raise Declined(f"a GROUP BY key has values Python cannot group: {exc}") from None
+    for value in values:  # all of them: 0.0 and -0.0 are one key of ``seen``
+        if value is not _INVALID and isinstance(value, float | tuple):
+            _check_groupable(value)
     return ids, list(seen)
+
+
+def _check_groupable(value: Any) -> None:
+    if isinstance(value, float) and (value != value or (value == 0 and str(value)[0] == "-")):
+        raise Declined("NaN or -0.0 in a GROUP BY key")
+    if isinstance(value, tuple):
+        for item in value:
+            _check_groupable(item)
