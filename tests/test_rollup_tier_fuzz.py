@@ -165,6 +165,8 @@ BUCKETS_5M = [
     "toStartOfInterval(ts, INTERVAL 10 MINUTE)",
     "toStartOfInterval(ts, INTERVAL 2 HOUR)",
     "date_trunc('hour', ts)",
+    "toHour(toStartOfHour(ts))",
+    "toString(toStartOfFifteenMinutes(ts))",
 ]
 BUCKETS_1D = [
     "toStartOfInterval(ts, INTERVAL 1 DAY)",
@@ -174,6 +176,12 @@ BUCKETS_1D = [
     "toStartOfWeek(ts)",
     "toStartOfMonth(ts)",
     "date_trunc('day', ts)",
+    "toStartOfQuarter(ts)",
+    "toStartOfYear(ts)",
+    "toStartOfInterval(ts, INTERVAL 1 WEEK)",
+    "toStartOfInterval(ts, INTERVAL 1 MONTH)",
+    "toUnixTimestamp(toStartOfDay(ts))",
+    "toDayOfWeek(toDate(ts))",
 ]
 KEY_FORMS = [
     "{d}",
@@ -185,6 +193,12 @@ KEY_FORMS = [
     "substringUTF8({d}, 1, 1)",
     "concat({d}, '-')",
     "length({d})",
+    "lengthUTF8({d})",
+    "reverse({d})",
+    "nullIf({d}, '')",
+    "if({d} = '', 'none', {d})",
+    "{d} = 'US'",
+    "concat(lower({d}), upper({d}))",
 ]
 VALUES = {
     "country": COUNTRIES,

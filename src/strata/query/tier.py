@@ -185,11 +185,11 @@ def _sort_rank(values: list[Any], used: np.ndarray) -> np.ndarray:
     of types whose order may differ from the engine's are declined. Only
     the values at ``used`` indices are ranked (the others rank 0)."""
     wanted = np.unique(used).tolist()
-    for value in (values[i] for i in wanted):
-        if value is None:
+    for kind in {type(values[i]) for i in wanted}:
+        if kind is type(None):
             raise Declined("NULL in an ORDER BY key")
-        if not isinstance(value, str | bytes | int | float | date):
-            raise Declined(f"ORDER BY over {type(value).__name__} keys")
+        if not issubclass(kind, str | bytes | int | float | date):
+            raise Declined(f"ORDER BY over {kind.__name__} keys")
     try:
         order = sorted(wanted, key=lambda i: values[i])
     except TypeError as exc:
@@ -379,10 +379,15 @@ class RollupTier:
         with self._lock:
             if self._functions is not None:
                 return self._functions
-        _, rows = self.store.query_rows(
-            "SELECT name, deterministic = 1 AND is_aggregate = 0, case_insensitive "
-            "FROM system.functions"
-        )
+        try:
+            _, rows = self.store.query_rows(
+                "SELECT name, deterministic = 1 AND is_aggregate = 0, case_insensitive "
+                "FROM system.functions"
+            )
+        except Exception as exc:  # an engine without the column: nothing is remembered
+            raise Declined(
+                f"the engine does not say which functions are deterministic: {exc}"
+            ) from None
         table: dict[str, bool] = {}
         for name, ok, insensitive in rows:
             table[str(name)] = bool(ok)
@@ -836,9 +841,10 @@ def _intern(values: list[Any]) -> tuple[np.ndarray, list[Any]]:
         )
     except TypeError as exc:
         raise Declined(f"a GROUP BY key has values Python cannot group: {exc}") from None
-    for value in values:  # all of them: 0.0 and -0.0 are one key of ``seen``
-        if value is not _INVALID and isinstance(value, float | tuple):
-            _check_groupable(value)
+    if any(issubclass(kind, float | tuple) for kind in set(map(type, values))):
+        for value in values:  # all of them: 0.0 and -0.0 are one key of ``seen``
+            if isinstance(value, float | tuple):
+                _check_groupable(value)
     return ids, list(seen)
 
 
