@@ -338,10 +338,45 @@ def test_late_data_is_never_hidden_by_the_tier(tmp_path: Path) -> None:
             },
         )
         first = reference([*events, *gone], base, base + DAY_MS)
-        assert env.finalizer.scan_late() >= 1
+        env.finalizer.scan_late()
+        assert day_of(base) in env.service.day_answers.stale_days()
         assert env.check(other, first)["rollup_tier"] is None
         env.step()
         assert env.check(other, first)["rollup_tier"] == "memory"
+    finally:
+        env.close()
+
+
+def test_late_rows_are_never_served_stale_before_late_events_is_scanned(tmp_path: Path) -> None:
+    """Late events for windows the processor no longer holds (older than
+    processor.final_retention, e.g. a mobile client uploading yesterday's
+    events) reach on_revised only through late_events, which the finalizer
+    scans every few seconds; the events loader stores the rows themselves
+    (and so changes the rollups) on its own schedule. From the moment the
+    rows are stored, the engine counts them: the tier must not answer
+    without them."""
+    base = base_day(8)
+    env = Env(tmp_path)
+    try:
+        events = three_days(env, base)
+        finalize(env, base)
+        day = base + DAY_MS
+        text = page_views_sql(day, day + DAY_MS)
+        assert env.check(text, reference(events, day, day + DAY_MS))["rollup_tier"] == "memory"
+
+        upload = [
+            e
+            for e in make_events(80, start_ms=day, users=300, seed=71, prefix="upload")
+            if e.event_type == "page_view"
+        ]
+        env.produce(upload)
+        env.load()  # the events loader stored them; no late_events row yet
+        expected = reference([*events, *upload], day, day + DAY_MS)
+        assert keyed(env.engine(text)) == expected  # the engine counts them
+        body = env.sql(text)
+        assert keyed(body["rows"]) == expected, f"stale answer, rollup_tier={body['rollup_tier']}"
+        env.step()
+        assert env.check(text, expected)["rollup_tier"] == "memory"
     finally:
         env.close()
 
