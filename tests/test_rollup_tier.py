@@ -381,6 +381,79 @@ def test_late_rows_are_never_served_stale_before_late_events_is_scanned(tmp_path
         env.close()
 
 
+def test_query_api_pipeline_without_a_processor_never_serves_late_rows_stale(
+    tmp_path: Path,
+) -> None:
+    """`strata query-api` (and `strata serve` with processor.embedded =
+    false) open the loading pipeline, whose own DayFinalizer runs on the
+    loader's watermark: the tier is active there on a chDB store. No
+    processor in the process reports late data, and events the processor
+    elsewhere does not count as late never reach late_events: rows the
+    loader stores into a final day must still never be answered stale."""
+    from strata.server.roles import open_query_pipeline
+
+    base = base_day(8)
+    config = config_for(
+        tmp_path,
+        **{
+            "auth.admin_tokens": [ADMIN],
+            "query.cache_ttl": "0s",
+            "query.open_range_cache_ttl": "0s",
+        },
+    )
+    pipeline = open_query_pipeline(config)
+    try:
+        assert "processor" not in pipeline.components
+        finalizer = pipeline.components["day_answers"]
+        client = TestClient(Starlette(routes=core_routes(CoreAPI(pipeline))))
+        events = [
+            e
+            for k in range(3)
+            for e in make_events(900, start_ms=base + k * DAY_MS, users=80, seed=k)
+        ]
+        # Later events move the loader's watermark past the three days.
+        events += make_events(200, start_ms=base + 3 * DAY_MS, span_ms=3_600_000, seed=9)
+        produce(pipeline.log, events, config.log.partitions)
+        loader = pipeline.loaders["events"]
+
+        def load() -> None:
+            while loader.run_once(timeout_s=0.05):
+                pass
+
+        def ask(text: str) -> dict[str, Any]:
+            response = client.post("/v1/sql", json={"sql": text}, headers=HEADERS)
+            assert response.status_code == 200, response.text
+            body: dict[str, Any] = response.json()
+            return body
+
+        load()
+        for _ in range(2):
+            finalizer.step()
+        assert pipeline.query.day_answers.local_frontier == day_of(base + 3 * DAY_MS)
+        day = base + DAY_MS
+        text = page_views_sql(day, day + DAY_MS)
+        body = ask(text)
+        assert body["rollup_tier"] == "memory"  # the tier is active in this shape
+        assert keyed(body["rows"]) == reference(events, day, day + DAY_MS)
+
+        upload = [
+            e
+            for e in make_events(80, start_ms=day, users=300, seed=72, prefix="upload")
+            if e.event_type == "page_view"
+        ]
+        produce(pipeline.log, upload, config.log.partitions)
+        load()
+        expected = reference([*events, *upload], day, day + DAY_MS)
+        for _ in range(3):
+            finalizer.step()
+            body = ask(text)
+            assert keyed(body["rows"]) == expected, (
+                f"stale answer, rollup_tier={body['rollup_tier']}"
+            )
+    finally:
+        pipeline.stop()
+
+
 def test_days_from_the_frontier_on_are_never_held(tmp_path: Path) -> None:
     """Rows of a day that is not final yet keep arriving without any
     revision report (they are on time): the tier must not hold that day."""
