@@ -563,3 +563,23 @@ def test_a_stale_day_is_declined_until_recomputed(env: Any) -> None:
     # The days around it are still answered.
     assert _declined(svc, sql.replace(_range_sql(base, 1, 2), _range_sql(base, 0, 2))) == ""
     assert _declined(svc, sql.replace(_range_sql(base, 1, 2), _range_sql(base, 3, 2))) == ""
+
+
+def test_two_outputs_of_one_name_are_declined(env: Any) -> None:
+    """The engine rejects two different expressions under one alias
+    (Code 179); the tier answered them. One expression twice is fine."""
+    svc, store, base = env
+    where = f"WHERE event_type = 'page_view' AND {_range_sql(base)}"
+    for sql in (
+        f"SELECT count() AS h, toStartOfHour(ts) AS h FROM events {where} GROUP BY h",
+        f"SELECT country AS c, lower(country) AS c, count() FROM events {where} "
+        "GROUP BY country, lower(country)",
+    ):
+        assert "named" in _declined(svc, sql), sql
+        with pytest.raises(Exception, match="Multiple expressions"):
+            store.query_rows(svc.router.route(sandbox.check(sql)).sql)
+    same = (
+        f"SELECT country AS c, country AS c, count() AS n, count() AS n FROM events {where} "
+        "GROUP BY country ORDER BY c"
+    )
+    assert _compare(svc, store, same, "exact") == ""

@@ -60,6 +60,7 @@ from the engine, the tier declines instead:
   engine);
 * an empty answer: chDB's empty answer names its columns or not depending
   on how the query ran (none after GROUP BY over no rows, all under LIMIT 0).
+* two different outputs under one name: the engine rejects the query.
 
 tests/test_rollup_tier.py and tests/test_rollup_tier_fuzz.py compare
 answers with the engine's answer to the routed SQL.
@@ -452,7 +453,17 @@ class RollupTier:
             text = "" if bare else _unqualified(expression).sql(dialect="clickhouse", comments=False)
             keys.append(_Key(False, index, text))
         outputs: list[tuple[str, Any]] = []
+        named: dict[str, tuple[str, Any]] = {}
         for name, index, expression in shape.projections:
+            # Two outputs of one name must be one expression (in the routed
+            # SQL): else the engine rejects the query ("Multiple expressions
+            # for the alias").
+            same = ("aggregation", index) if index is not None else (
+                "expression",
+                expression.sql(dialect="clickhouse", comments=False) if expression else name,
+            )
+            if named.setdefault(name, same) != same:
+                raise Declined(f"two different outputs are named {name!r}")
             if index is not None:
                 aggregation = metric.aggregations[index]
                 if aggregation.function == "uniq":
