@@ -30,14 +30,18 @@ goes to the engine exactly as before:
   processor had read when its watermark passed the day, plus the largest
   allowed lateness) and not marked stale. That is exactly when
   ``day_answers`` serves a day (decision 096), so the tier has the same
-  contract: late data, a batch replace, a repair and a GDPR delete reach
+  contract: late data (reported by the processor, by the finalizer's scan
+  of ``late_events``, and by the events loader itself, before and after it
+  stores rows whose event time lies in a final day:
+  ``Pipeline.on_rows_stored``), a batch replace and a GDPR delete reach
   ``QueryService.on_revised``, which marks the days stale and then drops
   them here (``invalidate``); a day is read again only after the finalizer
   recomputed it, i.e. after the loader stored the rows that revised it. A
   load that raced with an invalidation is thrown away (generation check).
-  A process without a finalizer (``strata query-api`` of the distributed
-  shape, where other processes write the store) never has a local frontier,
-  so the tier stays empty there.
+  The local frontier exists only in a process whose own loader and
+  finalizer run (``strata serve``'s core, ``strata query-api``), and the
+  tier is on only on the embedded chDB store, which no other process can
+  open: every write to the rollups passes through this process.
 
 Time buckets, filters and derived dimension keys are evaluated by the
 engine itself, once per distinct window start or dimension value, and

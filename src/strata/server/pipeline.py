@@ -69,6 +69,10 @@ class Pipeline:
             )
         from strata.query.day_answers import DayFinalizer
 
+        # Rows stored into finalized days revise them at once (decision 102),
+        # not only when the finalizer next scans late_events.
+        pipeline.loaders["events"].on_event_times = pipeline.on_rows_stored
+
         # Finalized per-day distinct counts (decision 096): a day is
         # answered once the events loader has stored what the watermark saw.
         pipeline.components["day_answers"] = DayFinalizer(
@@ -149,6 +153,26 @@ class Pipeline:
         ``revised: true``. Called by the stream processor when it records a
         revised range, and by whatever stores late rows (``on_late_rows``)."""
         self.query.on_revised(start_ms, end_ms)
+
+    def on_rows_stored(self, low_ms: int, high_ms: int) -> None:
+        """The events loader is about to store (and again: has stored) rows
+        with event times in ``[low_ms, high_ms]``. Rows in days this
+        process already finalized revise those days: the result cache, the
+        finalized day answers and the in-memory rollup tier must not answer
+        them without the rows (decision 102). Called before the insert, so
+        no moment exists where the store has the rows and a final day is
+        served without them, and after it, for a frontier that moved
+        meanwhile."""
+        if self._query is None:
+            return
+        frontier = self._query.day_answers.local_frontier
+        if frontier is None:
+            return
+        from strata.query.day_answers import day_ms
+
+        final_until = day_ms(frontier)
+        if low_ms < final_until:
+            self.on_revised(low_ms, min(high_ms + 1, final_until))
 
     def on_late_rows(self, event_times_ms: Any) -> None:
         """Late rows with these event times (epoch ms) were stored."""
