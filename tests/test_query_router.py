@@ -58,6 +58,10 @@ def _generate_queries(base: int) -> list[str]:
         ("toStartOfDay(ts)", True),
         ("toDate(ts)", True),
         ("toStartOfInterval(ts, INTERVAL 2 DAY)", True),
+        # sqlglot parses these as DateTrunc / a calendar interval.
+        ("date_trunc('hour', ts)", False),
+        ("date_trunc('day', ts)", True),
+        ("toStartOfInterval(ts, INTERVAL 1 MONTH)", True),
         (None, True),
     ]
     metrics = [

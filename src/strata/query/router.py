@@ -252,9 +252,11 @@ def resolve_time(node: exp.Expression, now_ms: int) -> int | None:
         if base is None or delta is None:
             return None
         return base + delta if isinstance(node, exp.Add) else base - delta
-    if isinstance(node, exp.TimestampTrunc):
+    if isinstance(node, exp.TimestampTrunc | exp.DateTrunc):
         unit = node.args.get("unit")
         unit_name = unit.name.upper() if unit is not None else ""
+        if node.args.get("zone") is not None:
+            return None
         inner = resolve_time(node.this, now_ms)
         if inner is None or unit_name not in _FLOOR_MS:
             return None
@@ -417,7 +419,7 @@ def _bucket_of(node: exp.Expression) -> str | None:
     """ "5m"/"1d" when ``node`` is a supported bucket function of ts; "" when
     it is a bucket-like function of ts that the rollups cannot answer; None
     when it is not a function of ts at all."""
-    if isinstance(node, exp.TimestampTrunc) and _is_ts(node.this):
+    if isinstance(node, exp.TimestampTrunc | exp.DateTrunc) and _is_ts(node.this):
         unit = node.args.get("unit")
         unit_name = unit.name.upper() if unit is not None else ""
         if node.args.get("zone") is not None:
@@ -430,11 +432,20 @@ def _bucket_of(node: exp.Expression) -> str | None:
     if name in _BUCKET_FUNCTIONS:
         return _BUCKET_FUNCTIONS[name] if len(args) == 1 else ""
     if name == "tostartofinterval" and len(args) == 2:
-        step = _interval_ms(args[1])
+        interval = args[1]
+        unit = interval.args.get("unit") if isinstance(interval, exp.Interval) else None
+        unit_name = (unit.name if unit is not None else "").upper().rstrip("S")
+        if (
+            unit_name in ("MONTH", "QUARTER", "YEAR")
+            and isinstance(interval.this, exp.Literal)
+            and str(interval.this.this).isascii()
+            and str(interval.this.this).isdigit()
+            and int(str(interval.this.this)) > 0
+        ):
+            return "1d"  # calendar months start at midnight UTC
+        step = _interval_ms(interval)
         if step is None:
             return ""
-        unit = args[1].args.get("unit")
-        unit_name = (unit.name if unit is not None else "").upper().rstrip("S")
         if unit_name in ("DAY", "WEEK"):
             return "1d"
         if step % FIVE_MINUTES_MS == 0 and unit_name in ("MINUTE", "HOUR"):
@@ -453,7 +464,7 @@ def _is_rollup_bucket(node: exp.Expression, granularity: str) -> bool:
     """True when ``node`` buckets ts exactly as the ``granularity`` rollup's
     ``window_start`` does, so that distinct window starts stay distinct."""
     names, step_ms, trunc_units = _ROLLUP_BUCKETS[granularity]
-    if isinstance(node, exp.TimestampTrunc):
+    if isinstance(node, exp.TimestampTrunc | exp.DateTrunc):
         unit = node.args.get("unit")
         unit_name = unit.name.upper() if unit is not None else ""
         return _is_ts(node.this) and node.args.get("zone") is None and unit_name in trunc_units
