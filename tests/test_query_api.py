@@ -560,3 +560,23 @@ def test_sdk_query_client_returns_arrow_and_pandas(env: Env, http_url: str) -> N
     assert refused.value.status == 400
     with Client(http_url, "unused-write-key", token=env.tokens["bob"]) as sdk:
         assert sdk.sql(SQL, output="arrow").equals(table)
+
+
+def test_empty_answers_keep_their_column_names(env: Env) -> None:
+    """A query that matches nothing still names its columns in JSON, CSV and
+    Arrow (chDB itself names none after a GROUP BY over no rows)."""
+    for sql in (
+        "SELECT country, count() AS n FROM events WHERE event_type = 'no such type' "
+        "GROUP BY country ORDER BY country",
+        "SELECT event_id, ts FROM events WHERE event_type = 'no such type'",
+    ):
+        as_json = env.client.post("/v1/sql", json={"sql": sql}, headers=env.headers()).json()
+        assert as_json["rows"] == []
+        assert as_json["columns"] == (["country", "n"] if "country" in sql else ["event_id", "ts"])
+        as_csv = env.client.post("/v1/sql", json={"sql": sql}, headers=env.headers(accept="text/csv"))
+        assert as_csv.text.strip().splitlines() == [",".join(as_json["columns"])]
+        as_arrow = env.client.post(
+            "/v1/sql", json={"sql": sql}, headers=env.headers(accept="application/vnd.apache.arrow.stream")
+        )
+        table = pa.ipc.open_stream(io.BytesIO(as_arrow.content)).read_all()
+        assert table.column_names == as_json["columns"] and table.num_rows == 0

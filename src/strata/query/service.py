@@ -426,8 +426,24 @@ class QueryService:
                 columns, rows = self.store.query_rows(sql, parameters, settings)
         else:
             columns, rows = self.store.query_rows(sql, parameters, settings)
+        if not rows and not columns:
+            columns = self._empty_columns(sql, parameters, settings)
         elapsed = time.perf_counter() - started
         return QueryResult(columns, rows, {"query_ms": round(elapsed * 1000, 3)})
+
+    def _empty_columns(
+        self, sql: str, parameters: dict[str, Any] | None, settings: dict[str, Any]
+    ) -> list[str]:
+        """The column names of an answer with no rows: chDB names none after
+        a WHERE or GROUP BY that left nothing (it does under LIMIT 0), and
+        an empty CSV, Arrow table or DataFrame still needs its header."""
+        try:
+            columns, _ = self.store.query_rows(
+                f"SELECT * FROM ({sql}) LIMIT 0", parameters, settings
+            )
+        except Exception:  # noqa: BLE001 - the answer stands without names
+            return []
+        return columns
 
     # -- SQL ---------------------------------------------------------------------------
     def plan(self, text: str) -> tuple[Any, Route]:
