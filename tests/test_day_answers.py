@@ -342,3 +342,39 @@ def test_late_events_outside_held_windows_mark_the_day(tmp_path: Path) -> None:
     assert env.table()[day_of(base)] == (reference([*events, *late])[day_of(base)], 0)
     assert env.dau(base, base + DAY_MS)["revised"] is True
     env.close()
+
+
+def test_rows_loaded_after_a_restart_into_a_final_day_revise_it(tmp_path: Path) -> None:
+    """Events of a finalized day that were in the log but not loaded when the
+    process stopped: the next process loads them before its finalizer has
+    confirmed a frontier. The stored frontier still counts, so the day is
+    revised (read from the rollups, then recomputed), never answered from
+    the old finalized value."""
+    base = base_day(6)
+    env = Env(tmp_path)
+    events = make_events(400, start_ms=base, users=150, seed=21)
+    env.produce(events)
+    env.load()
+    env.watermark = base + DAY_MS + 60_000
+    env.step()
+    assert env.table()[day_of(base)] == (reference(events)[day_of(base)], 0)
+    extra = make_events(300, start_ms=base, users=100, seed=22, prefix="extra")
+    env.produce(extra)  # in the log, not loaded
+    env.close()
+
+    env = Env(tmp_path)
+    try:
+        assert env.pipeline.query.day_answers.local_frontier is None
+        env.load()
+        expected = reference([*events, *extra])[day_of(base)]
+        assert expected > reference(events)[day_of(base)]
+        body = env.dau(base, base + DAY_MS)
+        assert {r["day"]: r["users"] for r in body["rows"]} == {day_of(base).isoformat(): expected}
+        env.watermark = base + DAY_MS + 60_000
+        env.step(6)
+        assert env.table()[day_of(base)] == (expected, 0)
+        body = env.dau(base, base + DAY_MS)
+        assert body["served_from"].startswith("day_answers")
+        assert {r["day"]: r["users"] for r in body["rows"]} == {day_of(base).isoformat(): expected}
+    finally:
+        env.close()

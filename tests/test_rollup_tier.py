@@ -609,6 +609,10 @@ def test_restart_serves_from_memory_only_after_the_first_completed_snapshot(
         env.step(1)
         assert env.finalizer.done_seq > 0
         assert env.service.day_answers.local_frontier == day_of(base + 3 * DAY_MS)
+        # Loading the pending rows revised day 2 again (Pipeline.on_rows_stored,
+        # against the stored frontier): recomputed after the next snapshot.
+        assert day_of(base + 2 * DAY_MS) in env.service.day_answers.stale_days()
+        env.step()
         assert env.service.day_answers.stale_days() == {}
         for k in range(3):
             start = base + k * DAY_MS
@@ -715,5 +719,43 @@ def test_eviction_keeps_the_row_budget_and_answers_exact(tmp_path: Path) -> None
             )
             assert body["rollup_tier"] is None
         assert tier.held()["rows"] == 0
+    finally:
+        env.close()
+
+
+def test_a_stored_old_row_revises_only_its_own_day(tmp_path: Path) -> None:
+    """A micro-batch that mixes one event of an old final day with events of
+    now (a client with a bad clock, a late upload) revises that day alone:
+    the other held days stay in memory."""
+    base = base_day(8)
+    env = Env(tmp_path)
+    try:
+        events = three_days(env, base)
+        finalize(env, base)
+        for k in range(3):
+            start = base + k * DAY_MS
+            body = env.check(page_views_sql(start, start + DAY_MS), reference(events, start, start + DAY_MS))
+            assert body["rollup_tier"] == "memory"
+        assert env.service.tier.held()["days"] >= 3
+        old = [
+            e
+            for e in make_events(40, start_ms=base, users=300, seed=81, prefix="old")
+            if e.event_type == "page_view"
+        ][:1]
+        now = [
+            e
+            for e in make_events(40, start_ms=base_day(0), users=300, seed=82, prefix="now")
+        ]
+        env.produce([*old, *now])
+        env.load()
+        stale = env.service.day_answers.stale_days()
+        assert set(stale) == {day_of(base)}, stale
+        everything = [*events, *old]
+        first = env.check(page_views_sql(base, base + DAY_MS), reference(everything, base, base + DAY_MS))
+        assert first["rollup_tier"] is None  # revised, not recomputed yet
+        for k in (1, 2):
+            start = base + k * DAY_MS
+            body = env.check(page_views_sql(start, start + DAY_MS), reference(everything, start, start + DAY_MS))
+            assert body["rollup_tier"] == "memory"
     finally:
         env.close()

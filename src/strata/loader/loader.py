@@ -157,11 +157,12 @@ class Loader:
         self._extract_select = sink.extract_select("{source}")
         self.prefetch = prefetch
         self._prefetch: _Prefetch | None = None
-        # (min, max) event time in epoch ms of the rows about to be stored,
-        # called before the insert and again after it (decision 102): the
-        # pipeline reports rows that land in already finalized days through
-        # on_revised, so nothing that holds a final day serves it stale.
-        self.on_event_times: Callable[[int, int], None] | None = None
+        # The event times (epoch ms, an int64 Arrow array) of the rows about
+        # to be stored, called before the insert and again after it
+        # (decision 102): the pipeline reports rows that land in already
+        # finalized days through on_revised, so nothing that holds a final
+        # day serves it stale.
+        self.on_event_times: Callable[[pa.Array], None] | None = None
         self._recover()
 
     # -- checkpoint ----------------------------------------------------------
@@ -307,12 +308,12 @@ class Loader:
             # that every rollup view processes on its own (measured: an
             # 8-partition batch inserts in half the time as one chunk).
             data = pa.concat_tables(tables).combine_chunks()
-            times = self._event_time_bounds(data)
+            times = self._event_times(data)
             if times is not None:
-                self.on_event_times(*times)  # type: ignore[misc]
+                self.on_event_times(times)  # type: ignore[misc]
             self._insert(data, token)
             if times is not None:
-                self.on_event_times(*times)  # type: ignore[misc]
+                self.on_event_times(times)  # type: ignore[misc]
             if verify and self.sink.with_position:
                 self._repair(data)
                 if self.sink.table == "events":
@@ -331,13 +332,11 @@ class Loader:
         self.stats.batches += 1
         self.stats.last_insert_ms = now_ms()
 
-    def _event_time_bounds(self, data: pa.Table) -> tuple[int, int] | None:
+    def _event_times(self, data: pa.Table) -> pa.Array | None:
         field = self.sink.event_time_field
         if self.on_event_times is None or not field or field not in data.column_names:
             return None
-        bounds = pc.min_max(data.column(field).cast(pa.int64()))
-        low, high = bounds["min"].as_py(), bounds["max"].as_py()
-        return None if low is None or high is None else (int(low), int(high))
+        return data.column(field).combine_chunks().cast(pa.int64())
 
     def _insert(self, data: pa.Table, token: str) -> None:
         """``Store.insert_arrow(table, data, token)``: the same settings, the

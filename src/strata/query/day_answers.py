@@ -105,6 +105,8 @@ class DayAnswers:
         # None in a process without a finalizer. The in-memory rollup tier
         # (strata.query.tier) serves only days before it.
         self.local_frontier: date | None = None
+        # The stored frontier, read once (see stored_frontier).
+        self._stored_frontier: tuple[date | None] | None = None
 
     @property
     def store(self) -> Any:
@@ -259,6 +261,22 @@ class DayAnswers:
             self._maybe_answered = True
             if self.local_frontier is None or frontier > self.local_frontier:
                 self.local_frontier = frontier
+            stored = self._stored_frontier[0] if self._stored_frontier else None
+            if stored is None or frontier > stored:
+                self._stored_frontier = (frontier,)
+
+    def stored_frontier(self) -> date | None:
+        """The frontier in the table, read once per process and then kept
+        up to date by ``set_frontier``: what readers of day_answers serve."""
+        with self._lock:
+            known = self._stored_frontier
+        if known is None:
+            value = self.frontier()
+            with self._lock:
+                if self._stored_frontier is None:
+                    self._stored_frontier = (value,)
+                known = self._stored_frontier
+        return known[0]
 
     def recompute_now(self, start_ms: int, end_ms: int) -> None:
         """Recompute the answered days overlapping ``[start_ms, end_ms)`` at

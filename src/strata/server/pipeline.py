@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from strata.auth import Keyring
 from strata.config import Config, parse_duration_ms
 from strata.loader.loader import Loader
@@ -24,6 +26,20 @@ from strata.store import Store
 from strata.telemetry import REGISTRY
 
 log = logging.getLogger("strata.core")
+
+
+_QUERY_LOCK = threading.RLock()
+
+
+def _runs(days: list[int]) -> list[tuple[int, int]]:
+    """Sorted day numbers as [first, until) runs of consecutive days."""
+    out: list[tuple[int, int]] = []
+    for day in days:
+        if out and out[-1][1] == day:
+            out[-1] = (out[-1][0], day + 1)
+        else:
+            out.append((day, day + 1))
+    return out
 
 
 def iso(ms: int | None) -> str | None:
@@ -136,7 +152,11 @@ class Pipeline:
     @property
     def query(self) -> Any:
         """The ``QueryService`` of this process (cache, limits, router)."""
-        if self._query is None:
+        if self._query is not None:
+            return self._query
+        with _QUERY_LOCK:  # the loader, the finalizer and requests may race here
+            if self._query is not None:
+                return self._query
             from strata.query.service import QueryService
 
             self._query = QueryService(
@@ -154,25 +174,32 @@ class Pipeline:
         revised range, and by whatever stores late rows (``on_late_rows``)."""
         self.query.on_revised(start_ms, end_ms)
 
-    def on_rows_stored(self, low_ms: int, high_ms: int) -> None:
+    def on_rows_stored(self, event_times_ms: Any) -> None:
         """The events loader is about to store (and again: has stored) rows
-        with event times in ``[low_ms, high_ms]``. Rows in days this
-        process already finalized revise those days: the result cache, the
-        finalized day answers and the in-memory rollup tier must not answer
-        them without the rows (decision 102). Called before the insert, so
-        no moment exists where the store has the rows and a final day is
-        served without them, and after it, for a frontier that moved
-        meanwhile."""
-        if self._query is None:
-            return
-        frontier = self._query.day_answers.local_frontier
-        if frontier is None:
-            return
-        from strata.query.day_answers import day_ms
+        with these event times (an int64 Arrow array of epoch ms). Rows in
+        days already finalized revise those days, each day on its own: the
+        result cache, the finalized day answers and the in-memory rollup
+        tier must not answer them without the rows (decision 102). Called
+        before the insert, so no moment exists where the store has the rows
+        and a final day is served without them, and after it, for a frontier
+        that moved meanwhile. Before this process's finalizer confirmed a
+        frontier, the stored one counts (day_answers serves it)."""
+        import pyarrow.compute as pc
 
-        final_until = day_ms(frontier)
-        if low_ms < final_until:
-            self.on_revised(low_ms, min(high_ms + 1, final_until))
+        from strata.query.day_answers import DAY_MS, day_ms
+
+        answers = self.query.day_answers
+        frontiers = [f for f in (answers.local_frontier, answers.stored_frontier()) if f]
+        if not frontiers:
+            return
+        final_until = day_ms(max(frontiers))
+        low = pc.min(event_times_ms).as_py()
+        if low is None or low >= final_until:
+            return
+        times = event_times_ms.to_numpy(zero_copy_only=False)
+        days = np.unique(times[times < final_until] // DAY_MS)
+        for first, until in _runs(days.tolist()):
+            self.on_revised(first * DAY_MS, until * DAY_MS)
 
     def on_late_rows(self, event_times_ms: Any) -> None:
         """Late rows with these event times (epoch ms) were stored."""
