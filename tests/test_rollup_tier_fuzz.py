@@ -535,6 +535,9 @@ def test_what_the_tier_must_decline(env: Any) -> None:
         f"AND ts < '{_utc(base)}'": "open-ended",
         f"SELECT toDate(ts) AS d, count() FROM events WHERE ts >= '{_utc(frontier_day - DAY_MS)}' "
         f"AND ts < '{_utc(frontier_day + DAY_MS)}' GROUP BY d": "frontier",
+        # Ranges over more than MAX_QUERY_DAYS days go to the engine.
+        f"SELECT toDate(ts) AS d, count() FROM events WHERE ts >= "
+        f"'{_utc(base - 2000 * DAY_MS)}' AND ts < '{_utc(base)}' GROUP BY d": "days",
     }
     for sql, reason in cases.items():
         assert reason in _declined(svc, sql), sql

@@ -100,6 +100,8 @@ _AST_FUNCTION = re.compile(r"^\s*Function (\S+)")
 # over millions of rows is no faster than chDB).
 MAX_QUERY_ROWS = 2_000_000
 MAX_PLANS = 1024
+# Longer ranges go to the engine (a day costs a few microseconds per request).
+MAX_QUERY_DAYS = 1100
 # Remembered evaluations of time buckets / filters / dimension expressions.
 MAX_VALUES_PER_EXPRESSION = 1_000_000
 
@@ -119,6 +121,12 @@ class _Day:
     @property
     def rows(self) -> int:
         return int(self.ws.shape[0])
+
+    @property
+    def cost(self) -> int:
+        """What the day counts against the row budget: an empty day is held
+        too, and counts as one row, so the number of held days is bounded."""
+        return max(self.rows, 1)
 
 
 @dataclass
@@ -268,7 +276,7 @@ class RollupTier:
             else:
                 dropped = 0
                 for key in [k for k in self._days if first <= k[1] <= last]:
-                    self._held_rows -= self._days.pop(key).rows
+                    self._held_rows -= self._days.pop(key).cost
                     dropped += 1
                 day = first
                 while day <= last:
@@ -506,6 +514,8 @@ class RollupTier:
         if self.answers.any_stale(first, last):
             raise Declined("a day of the range was revised and is not recomputed yet")
         count = (last - first).days + 1
+        if count > MAX_QUERY_DAYS:
+            raise Declined(f"the range spans {count:,} days, over {MAX_QUERY_DAYS:,}")
         return [date.fromordinal(first.toordinal() + i) for i in range(count)]
 
     # -- loading ------------------------------------------------------------------------------
@@ -529,22 +539,22 @@ class RollupTier:
             if self.answers.any_stale(missing[0], missing[-1]):
                 raise Declined("a day of the range was revised and is not recomputed yet")
             loaded = self._load(plan, missing[0], missing[-1])
-            rows = sum(loaded[day].rows for day in missing)
+            rows = sum(loaded[day].cost for day in missing)
             with self._lock:
                 if generation != self._generation or any(
                     self._day_generation.get(day, 0) != generations[day] for day in missing
                 ):
                     raise Declined("a day of the range was revised while it was read")
-                if rows + sum(e.rows for e in held.values()) <= self.max_rows:
+                if rows + sum(e.cost for e in held.values()) <= self.max_rows:
                     for day in missing:
                         key = (plan.table, day)
                         if key not in self._days:
                             self._days[key] = loaded[day]
-                            self._held_rows += loaded[day].rows
+                            self._held_rows += loaded[day].cost
                             self.stats["days_loaded"] += 1
                     while self._held_rows > self.max_rows and self._days:
                         _, evicted = self._days.popitem(last=False)
-                        self._held_rows -= evicted.rows
+                        self._held_rows -= evicted.cost
                         self.stats["days_evicted"] += 1
                 else:
                     raise Declined(
