@@ -71,6 +71,7 @@ def parse_time(value: str | None, field: str) -> int | None:
 
 
 GRANULARITY_SECONDS = {"5m": 300, "1h": 3600, "1d": 86_400}
+EVENTS_PARAMETERS = ("from", "to", "granularity", "event_type")  # GET /v1/metrics/events
 
 
 class CoreAPI:
@@ -175,8 +176,26 @@ class CoreAPI:
 
     # -- metrics ---------------------------------------------------------------------
     async def events_metric(self, request: Request) -> Any:
-        self.require(request, "metrics")
+        """GET /v1/metrics/events: events and users per event type and bucket
+        from the events_by_type rollup. Rate-limited and result-cached per
+        user like every metrics endpoint, with the completeness fields."""
+        from strata.query.results import QueryResult
+        from strata.query.router import TimeRange
+
+        principal = self.require(request, "metrics")
+        self.limit(principal)
         params = request.query_params
+        seen: set[str] = set()
+        for key, _ in params.multi_items():
+            if key in seen:
+                raise APIError(400, f"{key}: given more than once")
+            seen.add(key)
+            if key not in EVENTS_PARAMETERS:
+                raise APIError(
+                    400,
+                    f"{key}: unknown parameter; expected {', '.join(EVENTS_PARAMETERS)} "
+                    "(filters and group_by: GET /v1/metrics/count)",
+                )
         granularity = params.get("granularity", "1h")
         if granularity not in GRANULARITY_SECONDS:
             raise APIError(400, "granularity: expected one of 5m, 1h, 1d")
@@ -188,6 +207,7 @@ class CoreAPI:
         if start >= end:
             raise APIError(400, "from: must be before to")
         step = GRANULARITY_SECONDS[granularity]
+        served_from = f"rollup_{'1d' if granularity == '1d' else '5m'}"
         table = "rollup_events_by_type_1d" if granularity == "1d" else "rollup_events_by_type_5m"
         sql = (
             "SELECT toStartOfInterval(window_start, toIntervalSecond({step:UInt32})) AS t, "
@@ -202,12 +222,30 @@ class CoreAPI:
             sql += "AND event_type = {event_type:String} "
             parameters["event_type"] = event_type
         sql += "GROUP BY t, event_type ORDER BY t, event_type"
+        service = self.pipeline.query
+        # The SQL reads from the start of from's bucket: so does the cache entry.
+        time_range = TimeRange(start - start % (step * 1000), end)
+
+        def compute() -> QueryResult:
+            result: QueryResult = service.run(principal.user, sql, parameters, heavy=False)
+            result.meta.update(
+                {"served_from": served_from, "reason": "rollup template", "live_buckets": 0}
+            )
+            return result
+
         started = time.perf_counter()
-        _, rows = await run_in_threadpool(self.pipeline.store.query_rows, sql, parameters)
+        result = await run_in_threadpool(
+            lambda: service.cached(
+                user=principal.user,
+                kind="events-metric",
+                normalized=msgspec.json.encode([granularity, event_type or ""]).decode(),
+                time_range=time_range,
+                compute=compute,
+            )
+        )
         REGISTRY.observe(
             "strata_query_seconds", time.perf_counter() - started, {"endpoint": "metrics"}
         )
-        watermark = self.pipeline.watermark_ms()
         return {
             "metric": "events",
             "granularity": granularity,
@@ -215,10 +253,12 @@ class CoreAPI:
             "to": iso(end),
             "rows": [
                 {"time": iso(int(t.replace(tzinfo=UTC).timestamp() * 1000)), "event_type": et, "events": n, "users": u}
-                for t, et, n, u in rows
+                for t, et, n, u in result.rows
             ],
-            "complete_until": iso(watermark),
-            "served_from": f"rollup_{'1d' if granularity == '1d' else '5m'}",
+            "served_from": served_from,
+            "reason": result.meta.get("reason"),
+            "cache": result.meta.get("cache"),
+            **_completeness(result.meta),
         }
 
     # -- operations -------------------------------------------------------------------

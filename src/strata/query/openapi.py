@@ -173,9 +173,100 @@ def build_spec() -> dict[str, Any]:
         "/v1/metrics/events": {
             "get": {
                 "summary": "Events and users per event type per bucket",
+                "description": (
+                    "From the `events_by_type` rollup (`served_from` rollup_5m or rollup_1d). "
+                    "Parameters other than from, to, granularity and event_type are a 400 "
+                    "(filters and group_by: `/v1/metrics/count`)."
+                ),
                 "security": secured,
                 "parameters": [*_RANGE, _GRANULARITY, _param("event_type", "Only this type.")],
                 "responses": _metrics_response("Counts per bucket and event type"),
+            }
+        },
+        "/v1/metrics/{name}": {
+            "get": {
+                "summary": "Any configured metric (`[[metrics]]`): rollups plus live windows",
+                "description": (
+                    "Finished buckets from the metric's rollup (5m or 1d), the newest ones "
+                    "from the serving store when it holds every window of the bucket. "
+                    "Filters apply to both sources. An unknown or repeated parameter, or "
+                    "a filter or `group_by` on a column that is not a dimension of the "
+                    "metric, is a 400 naming the parameter. The names of the other "
+                    "`/v1/metrics/...` routes are reserved."
+                ),
+                "security": secured,
+                "parameters": [
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "description": "A configured metric, e.g. `page_views_by_country`.",
+                        "schema": {"type": "string"},
+                    },
+                    *_RANGE,
+                    _param(
+                        "granularity",
+                        "Bucket size (default 1h).",
+                        {"type": "string", "enum": ["5m", "1h", "1d"]},
+                    ),
+                    _param("group_by", "Comma-separated dimensions of the metric."),
+                    _param(
+                        "filter.<dimension>",
+                        "Exact match on a dimension of the metric, e.g. `filter.country=DE`; "
+                        "`event_type`, `country`, `platform`, `currency` also work without "
+                        "the prefix (when they are dimensions of the metric).",
+                    ),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "One row per bucket (and group): `time`, the group_by "
+                        "dimensions and the metric's aggregations",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "metric": {"type": "string"},
+                                        "granularity": {"type": "string"},
+                                        "from": {"type": "string"},
+                                        "to": {"type": "string"},
+                                        "filters": {
+                                            "type": "object",
+                                            "additionalProperties": {"type": "string"},
+                                        },
+                                        "rows": {"type": "array", "items": {"type": "object"}},
+                                        **_COMPLETENESS,
+                                        "open_windows": {
+                                            "type": "boolean",
+                                            "description": (
+                                                "The range reaches past `complete_until`, or "
+                                                "holds a window the serving store has not "
+                                                "finalized."
+                                            ),
+                                        },
+                                        "open_window_ranges": {
+                                            "type": "array",
+                                            "description": (
+                                                "Open windows the serving store holds in the "
+                                                "range: `{window_start, window_end}`."
+                                            ),
+                                        },
+                                        "revised_ranges": {
+                                            "type": "array",
+                                            "description": (
+                                                "Windows revised by late events that the "
+                                                "serving store still holds (`revised` also "
+                                                "covers evicted ones)."
+                                            ),
+                                        },
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "404": {"description": "Unknown or reserved metric name"},
+                    **_ERRORS,
+                },
             }
         },
         "/v1/metrics/active-users": {

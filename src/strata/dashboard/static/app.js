@@ -197,10 +197,12 @@
     return parseTime(row.time ?? row.window_start ?? row.t ?? row.day ?? row.date);
   }
 
-  /** Open windows as a Set of window-start ms (accepts ISO strings, ms, or {start}). */
+  /** Open windows as a Set of window-start ms (accepts ISO strings, ms, or {start}).
+   * /v1/metrics/<configured metric> lists them in `open_window_ranges`
+   * (`open_windows` is a boolean on every endpoint). */
   function openWindowSet(payload) {
     const out = new Set();
-    const list = Array.isArray(payload.open_windows) ? payload.open_windows : [];
+    const list = Array.isArray(payload.open_window_ranges) ? payload.open_window_ranges : [];
     for (const item of list) {
       const t = typeof item === "object" && item !== null ? parseTime(item.start ?? item.window_start ?? item.from) : parseTime(item);
       if (t !== null) out.add(t);
@@ -208,9 +210,10 @@
     return out;
   }
 
-  /** Revised ranges as [[fromMs, toMs], ...] (accepts pairs or {from,to}/{start,end}). */
+  /** Revised ranges as [[fromMs, toMs], ...] (accepts pairs or {from,to}/{start,end}),
+   * from `revised_ranges` of /v1/metrics/<configured metric>. */
   function revisedRanges(payload) {
-    const list = Array.isArray(payload.revised) ? payload.revised : [];
+    const list = Array.isArray(payload.revised_ranges) ? payload.revised_ranges : [];
     const out = [];
     for (const item of list) {
       let start;
@@ -225,8 +228,8 @@
     return out;
   }
 
-  /** How many open windows / revised ranges a response reports: the query
-   * layer says true/false, the live-window endpoints give lists. */
+  /** How many open windows / revised ranges a response reports: every
+   * endpoint says true/false (a list counts by its length). */
   function flagCount(value) {
     if (Array.isArray(value)) return value.length;
     return value ? 1 : 0;
