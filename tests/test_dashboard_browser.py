@@ -286,11 +286,11 @@ def test_panels_show_the_numbers_the_metrics_api_returns(dash: dict[str, Any], p
         url = api_calls(page, "pageviews")[-1]
         shown = int(page.get_attribute("#panel-pageviews", "data-revised-ranges"))
         live = api.get(url).json()
-        if shown == len(live["revised"]) or time.monotonic() > deadline:
+        if shown == len(live["revised_ranges"]) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert shown == len(live["revised"])
-    if live["open_windows"]:
+    assert shown == len(live["revised_ranges"])
+    if live["open_window_ranges"]:
         assert int(page.get_attribute("#panel-pageviews", "data-open-windows")) >= 1
         assert "provisional" in page.text_content("#panel-pageviews .panel-status")
     # Every panel can show its API calls.
