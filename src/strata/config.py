@@ -208,6 +208,10 @@ class QueryConfig(_Section):
     rate_limit_per_minute: int = 600
     rate_limit_burst: int = 120
     max_concurrent_heavy: int = 2
+    # Extra store clients that run heavy (raw-events) queries, so one user's
+    # long query does not hold the client that serves rollup reads and the
+    # loaders' inserts (decision 103); 0 runs heavy queries on that client.
+    heavy_lanes: int = 2
     # Result cache and rate limits: "memory" (one process) or "redis" (shared
     # by every API process). redis_url empty: serving.redis_url.
     backend: Literal["memory", "redis"] = "memory"
@@ -390,6 +394,7 @@ def validate_config(config: Config) -> None:
         ("query.rate_limit_per_minute", config.query.rate_limit_per_minute >= 1),
         ("query.rate_limit_burst", config.query.rate_limit_burst >= 1),
         ("query.max_concurrent_heavy", config.query.max_concurrent_heavy >= 1),
+        ("query.heavy_lanes", 0 <= config.query.heavy_lanes <= 64),
     ]
     for field, ok in checks:
         if not ok:

@@ -32,11 +32,12 @@ from strata.config import Config, parse_duration_ms
 from strata.query import sandbox
 from strata.query.cache import ResultCache, fingerprint, open_cache
 from strata.query.day_answers import DayAnswers, Target, day_ms, day_of, day_runs
-from strata.query.limits import QueryLimits, open_limits
+from strata.query.limits import QueryLimits, RateLimitExceeded, open_limits
 from strata.query.live import LiveMerger, LivePlan
 from strata.query.results import QueryResult
 from strata.query.router import DAY_MS, Route, Router, TimeRange, find_time_range
 from strata.query.tier import RollupTier
+from strata.store import HeavyLanesBusy
 from strata.store.ddl import named_statements
 from strata.telemetry import REGISTRY
 
@@ -56,6 +57,10 @@ TIER_NOTE = "rows of finalized days from the in-memory rollup tier (decision 102
 TIER_LIVE_NOTE = "not merged: every day of the range is final (in-memory rollup tier)"
 PLAN_CACHE_S = 30.0
 PLAN_CACHE_MAX = 1024
+# A heavy query waits this long for a free heavy lane of the store, then
+# gets 429 with this Retry-After (decision 103).
+HEAVY_LANE_WAIT_S = 2.0
+HEAVY_LANE_RETRY_AFTER_S = 5.0
 
 
 def sql_settings(config: Config) -> dict[str, Any]:
@@ -415,32 +420,61 @@ class QueryService:
         }
         return QueryResult(columns, rows, meta)
 
+    # How long a heavy query waits for a free heavy lane of the store
+    # (decision 103) before the answer is 429, and the Retry-After it gets.
+    heavy_lane_wait_s: float = HEAVY_LANE_WAIT_S
+    heavy_lane_retry_after_s: float = HEAVY_LANE_RETRY_AFTER_S
+
     def run(
         self, user: str, sql: str, parameters: dict[str, Any] | None, heavy: bool
     ) -> QueryResult:
-        """Run on the store, under a heavy-query slot when ``heavy``."""
+        """Run on the store; when ``heavy``, under the user's heavy-query
+        slot and on one of the store's heavy lanes (decision 103), so a long
+        query does not hold the client that other users' rollup reads and
+        the loaders use. All lanes busy beyond ``heavy_lane_wait_s``:
+        RateLimitExceeded (429 + Retry-After)."""
         started = time.perf_counter()
         settings = sql_settings(self.config)
+        store = self.store
         if heavy:
             with self.limits.heavy(user):
-                columns, rows = self.store.query_rows(sql, parameters, settings)
+
+                def query(text: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+                    try:
+                        return store.query_rows_heavy(
+                            text, parameters, settings, wait_s=self.heavy_lane_wait_s
+                        )
+                    except HeavyLanesBusy as exc:
+                        raise RateLimitExceeded(
+                            f"rate limit: the server is busy: all {exc.lanes} heavy-query "
+                            f"lanes (query.heavy_lanes) run other users' raw-events "
+                            f"queries; retry in {self.heavy_lane_retry_after_s:g} s",
+                            self.heavy_lane_retry_after_s,
+                        ) from exc
+
+                columns, rows = query(sql)
+                if not rows and not columns:
+                    columns = self._empty_columns(sql, query)
         else:
-            columns, rows = self.store.query_rows(sql, parameters, settings)
-        if not rows and not columns:
-            columns = self._empty_columns(sql, parameters, settings)
+
+            def query(text: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+                return store.query_rows(text, parameters, settings)
+
+            columns, rows = query(sql)
+            if not rows and not columns:
+                columns = self._empty_columns(sql, query)
         elapsed = time.perf_counter() - started
         return QueryResult(columns, rows, {"query_ms": round(elapsed * 1000, 3)})
 
     def _empty_columns(
-        self, sql: str, parameters: dict[str, Any] | None, settings: dict[str, Any]
+        self, sql: str, query: Callable[[str], tuple[list[str], list[tuple[Any, ...]]]]
     ) -> list[str]:
         """The column names of an answer with no rows: chDB names none after
         a WHERE or GROUP BY that left nothing (it does under LIMIT 0), and
-        an empty CSV, Arrow table or DataFrame still needs its header."""
+        an empty CSV, Arrow table or DataFrame still needs its header.
+        ``query`` runs it where ``sql`` ran (a heavy lane for heavy queries)."""
         try:
-            columns, _ = self.store.query_rows(
-                f"SELECT * FROM ({sql}) LIMIT 0", parameters, settings
-            )
+            columns, _ = query(f"SELECT * FROM ({sql}) LIMIT 0")
         except Exception:  # noqa: BLE001 - the answer stands without names
             return []
         return columns

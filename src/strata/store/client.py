@@ -37,12 +37,16 @@ def connect(
     url: str = "",
     database: str = "strata",
     chdb_settings: Mapping[str, str] | None = None,
+    create_database: bool = True,
 ) -> Any:
     """A clickhouse-connect client for chDB in ``data_path/store`` (embedded)
     or for the server at ``url`` (distributed). ``chdb_settings`` are server
     settings for the chDB engine (``chdb_server_settings``); chDB applies the
     ones of the first client of the process, so every client of one process
-    should pass the same."""
+    should pass the same. Each call opens a client of its own (for chDB its
+    own connection handle to the process's one engine; such handles run
+    queries concurrently). ``create_database=False`` skips the server's
+    ``CREATE DATABASE`` (a further client of a store already open)."""
     if backend == "chdb":
         store_path = data_path / "store"
         store_path.mkdir(parents=True, exist_ok=True)
@@ -52,8 +56,12 @@ def connect(
     if backend == "clickhouse":
         if not url:
             raise ValueError("store.url: required when store.backend = 'clickhouse'")
-        admin = clickhouse_connect.get_client(dsn=url)
-        admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+        if create_database:
+            admin = clickhouse_connect.get_client(dsn=url)
+            try:
+                admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+            finally:
+                admin.close()
         return clickhouse_connect.get_client(dsn=url, database=database)
     raise ValueError(f"store.backend: unknown backend {backend!r}")
 
