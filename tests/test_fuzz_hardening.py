@@ -216,3 +216,41 @@ def test_funnel_window_of_the_wrong_type_is_a_400(shared_server: StrataServer) -
             json={"steps": ["a", "b"], "window": window}, headers=shared_server.headers())
         assert response.status_code == 400, (window, response.text)
         assert "window" in response.json()["error"]
+
+
+def test_engine_types_and_huge_funnel_windows_never_5xx(shared_server: StrataServer) -> None:
+    """Found by audit 5 (bugs 5 and 6): IPv4/IPv6 in JSON and a UInt64 above
+    2^63 in Arrow were 500s (and the next request on the same connection
+    could get a 503 from the worker proxy); huge funnel windows were 500s."""
+    url = shared_server.url
+    # A user of its own: the schemathesis run above may have emptied the
+    # admin's rate-limit bucket.
+    created = shared_server.client.post(
+        f"{url}/v1/admin/tokens", json={"user": "types-fuzz", "scopes": ["sql", "metrics"]},
+        headers=shared_server.headers())
+    assert created.status_code == 201, created.text
+    headers = shared_server.headers(str(created.json()["token"]))
+    queries = [
+        "SELECT toIPv4('1.2.3.4') AS ip",
+        "SELECT toIPv6('::1') AS ip",
+        "SELECT [toIPv4('1.2.3.4')] AS ips, map('k', toIPv6('::1')) AS m",
+        "SELECT toUInt64(18446744073709551615) AS x",
+        "SELECT toUInt128('340282366920938463463374607431768211455') AS x",
+        "SELECT toInt256(-1) AS x, toDecimal128(-1.5, 5) AS d, toUUID('00000000-0000-0000-0000-000000000001') AS u",
+    ]
+    for text in queries:
+        for accept in ("application/json", "text/csv", "application/vnd.apache.arrow.stream"):
+            response = shared_server.client.post(
+                f"{url}/v1/sql", json={"sql": text}, headers={**headers, "Accept": accept})
+            assert response.status_code == 200, (text, accept, response.text)
+            # The same connection answers the next request normally.
+            after = shared_server.client.post(
+                f"{url}/v1/sql", json={"sql": "SELECT 1 AS n"},
+                headers={**headers, "Accept": "application/vnd.apache.arrow.stream"})
+            assert after.status_code == 200, (text, accept, after.text)
+    for window in ("10000000d", 9999999999999999999, 1e300, "999999999999d", 1.5, "9" * 400 + "d"):
+        response = shared_server.client.post(
+            f"{url}/v1/metrics/funnel",
+            json={"steps": ["a", "b"], "window": window}, headers=headers)
+        assert response.status_code == 400, (window, response.text)
+        assert response.json()["error"].startswith("window:"), response.text

@@ -7,8 +7,10 @@ Every route here authenticates a query token and checks its scope
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -22,12 +24,14 @@ from starlette.routing import Route
 
 from strata.auth import Principal, bearer
 from strata.query import sandbox
+from strata.query.results import json_fallback
 from strata.server.pipeline import Pipeline, iso
 from strata.telemetry import REGISTRY, load_snapshots
 
 log = logging.getLogger("strata.query")
 
-_json = msgspec.json.Encoder()
+# Cells msgspec has no JSON form for (IP addresses, ...) become their text.
+_json = msgspec.json.Encoder(enc_hook=json_fallback)
 
 
 class APIError(Exception):
@@ -82,7 +86,11 @@ class CoreAPI:
     def require(self, request: Request, scope: str) -> Principal:
         principal = self.pipeline.keyring.authenticate(bearer(request.headers))
         if principal is None:
-            raise APIError(401, "authorization: missing or unknown query token")
+            raise APIError(
+                401,
+                "authorization: missing or unknown query token",
+                {"WWW-Authenticate": 'Bearer realm="strata"'},
+            )
         if scope not in principal.scopes:
             raise APIError(403, f"authorization: this token lacks the {scope!r} scope")
         return principal
@@ -103,7 +111,7 @@ class CoreAPI:
         """POST /v1/sql ``{"sql": "...", "explain": false}``; the answer in
         JSON (default), CSV or Arrow IPC by ``Accept`` (docs/query.md)."""
         from strata.query.limits import RateLimitExceeded
-        from strata.query.results import ARROW_STREAM, CSV, negotiate
+        from strata.query.results import negotiate
 
         principal = self.require(request, "sql")
         self.limit(principal)
@@ -112,10 +120,7 @@ class CoreAPI:
         except ValueError as exc:
             raise APIError(406, str(exc)) from exc
         body = await request.body()
-        try:
-            payload = msgspec.json.decode(body, type=dict[str, Any])
-        except msgspec.MsgspecError as exc:
-            raise APIError(400, f"body: malformed JSON: {exc}") from exc
+        payload = _json_object(body)
         text = payload.get("sql")
         if not isinstance(text, str):
             raise APIError(400, "sql: required, a string")
@@ -141,6 +146,21 @@ class CoreAPI:
             raise APIError(429, str(exc), {"Retry-After": retry}) from exc
         except Exception as exc:
             raise APIError(400, f"sql: query failed: {_first_line(exc)}") from exc
+        try:
+            return await self._sql_answer(result, media, started)
+        except APIError:
+            raise
+        except Exception as exc:
+            # Never let the answer's encoding escape the handler: the worker
+            # proxy would see a dropped connection (audit 5, bug 5).
+            log.exception("encoding a /v1/sql answer as %s failed", media)
+            raise APIError(
+                500, f"sql: the answer could not be encoded as {media}: {_first_line(exc)}"
+            ) from exc
+
+    async def _sql_answer(self, result: Any, media: str, started: float) -> Any:
+        from strata.query.results import ARROW_STREAM, CSV
+
         elapsed = (time.perf_counter() - started) * 1000
         REGISTRY.observe(
             "strata_query_seconds", elapsed / 1000,
@@ -159,7 +179,7 @@ class CoreAPI:
         if media == ARROW_STREAM:
             data = await run_in_threadpool(result.to_arrow_ipc)
             return Response(data, media_type=ARROW_STREAM, headers=headers)
-        return {
+        return JSON({
             "columns": result.columns,
             "rows": result.json_rows(),
             "served_from": meta.get("served_from"),
@@ -172,7 +192,7 @@ class CoreAPI:
             "live_from": meta.get("live_from"),
             "rollup_tier": meta.get("rollup_tier"),
             "elapsed_ms": round(elapsed, 3),
-        }
+        })
 
     # -- metrics ---------------------------------------------------------------------
     async def events_metric(self, request: Request) -> Any:
@@ -290,10 +310,38 @@ def _completeness(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# The limits the service appends to every SQL API query; engine errors
+# quote the query with them, and they are ours, not the caller's.
+_OWN_SETTINGS = re.compile(r"\s*\bSETTINGS\s+readonly\s*=\s*'?\d+'?(?:\s*,\s*\w+\s*=\s*'[^']*')*")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
-    return line[:500]
+    return _OWN_SETTINGS.sub("", line)[:500]
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; 400 naming ``body`` else."""
+    try:
+        return msgspec.json.decode(body, type=dict[str, Any])
+    except msgspec.MsgspecError as exc:
+        try:
+            json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, f"body: malformed JSON: {exc}") from exc
+        if b"\\u" in body and _LONE_SURROGATE.search(body.decode("utf-8", "replace")):
+            raise APIError(
+                400,
+                "body: a string holds an unpaired UTF-16 surrogate escape (e.g. \\ud800); "
+                "strings must be valid Unicode",
+            ) from exc
+        raise APIError(400, f"body: expected a JSON object: {exc}") from exc
+
+
+_LONE_SURROGATE = re.compile(
+    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})|(?<![0-9a-fA-F]{4})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
 
 
 def json_endpoint(
@@ -309,7 +357,13 @@ def json_endpoint(
             return JSON({"error": "internal error"}, status_code=500)
         if isinstance(result, Response):
             return result
-        return JSON(result)
+        try:
+            return JSON(result)
+        except Exception:
+            # An answer that cannot be encoded is still answered in JSON, so
+            # the connection to the worker proxy survives it.
+            log.exception("encoding the answer of %s %s failed", request.method, request.url.path)
+            return JSON({"error": "internal error: the answer could not be encoded"}, status_code=500)
 
     return run
 

@@ -203,10 +203,14 @@ class RedisCache(ResultCache):
         self.redis.close()
 
 
-def open_cache(backend: str, *, redis_url: str = "", max_entries: int = 10_000) -> ResultCache:
-    """The one place that picks a cache backend (``query.backend``)."""
+def open_cache(
+    backend: str, *, redis_url: str = "", max_entries: int = 10_000, redis_prefix: str = "strata:"
+) -> ResultCache:
+    """The one place that picks a cache backend (``query.backend``). On
+    Redis the keys live under ``<redis_prefix>cache:`` (``serving.redis_prefix``),
+    so deployments sharing one Redis never serve each other's answers."""
     if backend == "memory":
         return MemoryCache(max_entries)
     if backend == "redis":
-        return RedisCache(redis_url)
+        return RedisCache(redis_url, prefix=f"{redis_prefix}cache:")
     raise ValueError(f"query.backend: unknown backend {backend!r}")

@@ -269,16 +269,20 @@ class QueryLimits:
         self.slots.close()
 
 
-def open_limits(config: QueryConfig, *, redis_url: str = "") -> QueryLimits:
-    """The one place that picks the limiter backends (``query.backend``)."""
+def open_limits(
+    config: QueryConfig, *, redis_url: str = "", redis_prefix: str = "strata:"
+) -> QueryLimits:
+    """The one place that picks the limiter backends (``query.backend``). On
+    Redis the buckets and heavy slots live under ``<redis_prefix>rl:`` and
+    ``<redis_prefix>heavy:`` (``serving.redis_prefix``), one set per deployment."""
     if config.backend == "memory":
         return QueryLimits(config, MemoryTokenBuckets(), MemoryHeavySlots(), "memory")
     if config.backend == "redis":
         lease_ms = int(config.sql_max_execution_s * 1000) + 30_000
         return QueryLimits(
             config,
-            RedisTokenBuckets(redis_url),
-            RedisHeavySlots(redis_url, lease_ms),
+            RedisTokenBuckets(redis_url, prefix=f"{redis_prefix}rl:"),
+            RedisHeavySlots(redis_url, lease_ms, prefix=f"{redis_prefix}heavy:"),
             "redis",
         )
     raise ValueError(f"query.backend: unknown backend {config.backend!r}")

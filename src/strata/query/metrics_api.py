@@ -26,8 +26,10 @@ parameters (decision 023).
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -38,7 +40,14 @@ from starlette.routing import Route
 
 from strata.config import ConfigError, parse_duration_ms
 from strata.metrics import STRING_COLUMNS
-from strata.query.api import APIError, CoreAPI, _completeness, json_endpoint, parse_time
+from strata.query.api import (
+    APIError,
+    CoreAPI,
+    _completeness,
+    _json_object,
+    json_endpoint,
+    parse_time,
+)
 from strata.query.results import QueryResult
 from strata.query.router import DAY_MS, TimeRange
 from strata.server.pipeline import iso
@@ -52,6 +61,10 @@ _BUCKET_SQL = {
 }
 ACTIVE_WINDOWS = {"1d": 1, "7d": 7, "30d": 30}
 MAX_FUNNEL_STEPS = 500  # a request-size bound, not a semantic one
+MAX_FUNNEL_WINDOW_MS = 366 * DAY_MS  # a conversion window of at most a (leap) year
+_WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_WINDOW_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": DAY_MS, "w": 7 * DAY_MS}
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 FUNNEL_STEPS_PER_LEVEL = 8  # steps per subquery level of funnel_sql_steps
 FAST_FUNNEL_MAX_STEPS = 64  # beyond: funnel_sql_fold (planning cost, see funnel_sql_steps)
 MAX_RETENTION_DAYS = 366
@@ -249,7 +262,7 @@ class MetricsAPI:
         window = window or params.get("window", "1d")
         if window not in ACTIVE_WINDOWS:
             raise APIError(400, f"window: expected one of {sorted(ACTIVE_WINDOWS)}")
-        exact = params.get("exact", "false").lower() in ("1", "true", "yes")
+        exact = _boolean(params.get("exact", "false"), "exact")
         filters = _filters(params)
         start, end = _range(params, DAY_MS, default_span_ms=30 * DAY_MS)
         days = ACTIVE_WINDOWS[window]
@@ -400,6 +413,8 @@ class MetricsAPI:
     async def top(self, request: Request) -> Any:
         user = self._authorize(request)
         params = request.query_params
+        if not params.get("dimension"):
+            raise APIError(400, f"dimension: required; one of {sorted(STRING_COLUMNS)}")
         dimension = _dimension(params.get("dimension", ""), "dimension")
         measure = params.get("measure", "events")
         try:
@@ -429,24 +444,24 @@ class MetricsAPI:
         )
 
     # -- funnels ------------------------------------------------------------------------------------
+    async def funnel_get(self, request: Request) -> Any:
+        self.api.require(request, "metrics")
+        raise APIError(
+            405,
+            "method: /v1/metrics/funnel takes POST with a JSON body (see /openapi.json)",
+            {"Allow": "POST"},
+        )
+
     async def funnel(self, request: Request) -> Any:
         user = self._authorize(request)
         body = await request.body()
-        try:
-            payload = msgspec.json.decode(body or b"{}", type=dict[str, Any])
-        except msgspec.MsgspecError as exc:
-            raise APIError(400, f"body: malformed JSON: {exc}") from exc
+        payload = _json_object(body or b"{}")
         steps = payload.get("steps")
         if not isinstance(steps, list) or len(steps) < 2:
             raise APIError(400, "steps: a list of at least 2 steps is required")
         if len(steps) > MAX_FUNNEL_STEPS:
             raise APIError(400, f"steps: at most {MAX_FUNNEL_STEPS} steps per request")
-        try:
-            window_ms = parse_duration_ms(payload.get("window", "1d"), "window")
-        except ConfigError as exc:
-            raise APIError(400, str(exc)) from exc
-        if window_ms <= 0:
-            raise APIError(400, "window: must be positive")
+        window_ms = _funnel_window(payload.get("window", "1d"))
         breakdown = payload.get("breakdown")
         if breakdown is not None:
             if not isinstance(breakdown, str):
@@ -549,6 +564,42 @@ class MetricsAPI:
             entry["rate"] = [r / size if size else 0.0 for r in entry["returned"]]
             rows.append(entry)
         return self._response("retention", result, start, end, rows, days=days)
+
+
+def _boolean(value: str, field: str) -> bool:
+    try:
+        return _BOOLEANS[value.strip().lower()]
+    except KeyError:
+        raise APIError(400, f"{field}: expected true or false, got {value!r}") from None
+
+
+def _funnel_window(value: Any) -> int:
+    """The conversion window in ms: a duration string (``"30m"``, ``"1d"``)
+    or a whole number of milliseconds, above 0 and at most 366 days."""
+    expected = "window: expected a duration like '30m' or '1d', or a whole number of milliseconds"
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise APIError(400, f"{expected}, got {value!r}"[:300])
+    if isinstance(value, int):
+        window_ms = value
+    else:
+        match = _WINDOW.match(value)
+        if match is None:
+            try:  # its message names the accepted forms
+                parse_duration_ms(value, "window")
+            except ConfigError as exc:
+                raise APIError(400, str(exc)[:300]) from exc
+            raise APIError(400, f"{expected}, got {value[:100]!r}")
+        exact = Decimal(match.group(1)) * _WINDOW_UNITS_MS[match.group(2)]
+        if exact > MAX_FUNNEL_WINDOW_MS:
+            raise APIError(400, f"window: at most 366d ({MAX_FUNNEL_WINDOW_MS} ms)")
+        if exact != exact.to_integral_value():
+            raise APIError(400, f"window: must be a whole number of milliseconds, got {value!r}")
+        window_ms = int(exact)
+    if window_ms <= 0:
+        raise APIError(400, "window: must be positive")
+    if window_ms > MAX_FUNNEL_WINDOW_MS:
+        raise APIError(400, f"window: at most 366d ({MAX_FUNNEL_WINDOW_MS} ms)")
+    return window_ms
 
 
 def _finite(value: Any) -> float | None:
@@ -841,6 +892,9 @@ def metrics_routes(api: CoreAPI) -> list[Route]:
         Route("/v1/metrics/active-users", json_endpoint(metrics.active_users), methods=["GET"]),
         Route("/v1/metrics/revenue", json_endpoint(metrics.revenue), methods=["GET"]),
         Route("/v1/metrics/funnel", json_endpoint(metrics.funnel), methods=["POST"]),
+        # GET would reach the generic GET /v1/metrics/{name} route (a 404):
+        # answer 405 with Allow: POST like every other method but POST.
+        Route("/v1/metrics/funnel", json_endpoint(metrics.funnel_get), methods=["GET"]),
         Route("/v1/metrics/retention", json_endpoint(metrics.retention), methods=["GET"]),
         Route("/v1/metrics/top", json_endpoint(metrics.top), methods=["GET"]),
     ]

@@ -22,6 +22,16 @@ ARROW_STREAM = "application/vnd.apache.arrow.stream"
 CSV = "text/csv"
 JSON = "application/json"
 
+def json_fallback(value: Any) -> Any:
+    """``enc_hook`` of every JSON encoder of query answers: cells msgspec
+    has no JSON form for (IPv4/IPv6 addresses and any other engine type
+    the driver hands back as an object) become their text."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+_json_cells = msgspec.json.Encoder(enc_hook=json_fallback)
 _packer = msgspec.msgpack.Encoder()
 _unpacker = msgspec.msgpack.Decoder()
 
@@ -120,7 +130,7 @@ class QueryResult:
     # -- wire formats -------------------------------------------------------------
     def json_rows(self) -> list[list[Any]]:
         return [
-            [_plain(v) if isinstance(v, tuple | dict | bytes) else v for v in row]
+            [_plain(v) if isinstance(v, tuple | list | dict | bytes) else v for v in row]
             for row in self.rows
         ]
 
@@ -142,10 +152,7 @@ class QueryResult:
             if kind == "datetime":
                 arrays.append(pa.array(values, type=pa.timestamp("us", tz="UTC")))
                 continue
-            try:
-                arrays.append(pa.array(values))
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                arrays.append(pa.array([None if v is None else str(_plain(v)) for v in values]))
+            arrays.append(_arrow_column(pa, values))
         names = _unique(self.columns)
         return pa.Table.from_arrays(arrays, names=names)
 
@@ -159,11 +166,34 @@ class QueryResult:
         return bytes(sink.getvalue().to_pybytes())
 
 
+def _arrow_column(pa: Any, values: list[Any]) -> Any:
+    """One Arrow column from Python cells: pyarrow's own inference, else
+    uint64 for integers above int64 (UInt64 columns), else the cells'
+    text (IP addresses, 128/256-bit integers, mixed values)."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, ValueError, TypeError):
+        pass
+    integers = [v for v in values if v is not None]
+    if integers and all(type(v) is int and 0 <= v < 2**64 for v in integers):
+        return pa.array(values, type=pa.uint64())
+    return pa.array([None if v is None else _text(v) for v in values], type=pa.string())
+
+
+def _text(value: Any) -> str:
+    plain = _plain(value)
+    if isinstance(plain, list | dict):
+        return _json_cells.encode(plain).decode()
+    return str(plain)
+
+
 def _csv_cell(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat(sep=" ")
     if isinstance(value, list | tuple | dict):
-        return msgspec.json.encode(_plain(value)).decode()
+        return _json_cells.encode(_plain(value)).decode()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
     return value
 
 

@@ -85,6 +85,24 @@ def _function_name(node: exp.Expression) -> str:
     return (node.sql_name() if isinstance(node, exp.Func) else "").lower()
 
 
+_LEADING = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|#[^\n]*(?:\n|$)|/\*.*?\*/)*(\(|[A-Za-z]+)", re.S)
+_PARSER_TOKEN = re.compile(r"<Token token_type: [\w.]+, text: (.*?), line: \d+, col: \d+, start: \d+, end: \d+, comments: \[.*?\]>")
+_PARSER_CLASS = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
+
+
+def _leading_keyword(sql: str) -> str:
+    """The statement's first keyword (after comments), upper case, or ""."""
+    match = _LEADING.match(sql)
+    return match.group(1).upper() if match else ""
+
+
+def _parse_message(exc: Exception) -> str:
+    """sqlglot's message without its Python class names."""
+    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    line = _PARSER_TOKEN.sub(lambda m: repr(m.group(1)), line)
+    return _PARSER_CLASS.sub(lambda m: m.group(1).upper(), line)
+
+
 def check(sql: str) -> exp.Expression:
     """Parse and check ``sql``; return the accepted tree or raise SQLRejected."""
     if not sql or not sql.strip():
@@ -97,12 +115,16 @@ def check(sql: str) -> exp.Expression:
     try:
         statements = [s for s in sqlglot.parse(normalized, dialect="clickhouse") if s is not None]
     except sqlglot.errors.SqlglotError as exc:
-        raise SQLRejected(f"sql: cannot parse: {str(exc).splitlines()[0]}") from exc
+        keyword = _leading_keyword(normalized)
+        if keyword and keyword not in ("SELECT", "WITH", "("):
+            raise SQLRejected(f"sql: only SELECT is allowed, got {keyword}") from exc
+        raise SQLRejected(f"sql: cannot parse: {_parse_message(exc)}") from exc
     if len(statements) != 1:
         raise SQLRejected("sql: exactly one statement is allowed")
     tree = statements[0]
     if not isinstance(tree, exp.Select | exp.SetOperation):
-        raise SQLRejected(f"sql: only SELECT is allowed, got {tree.key.upper()}")
+        got = str(tree.this).upper() if isinstance(tree, exp.Command) else tree.key.upper()
+        raise SQLRejected(f"sql: only SELECT is allowed, got {got}")
     ctes = {cte.alias_or_name for cte in tree.find_all(exp.CTE)}
     for node in tree.walk():
         if isinstance(node, exp.Command | exp.Insert | exp.Create | exp.Drop | exp.Alter | exp.Delete | exp.Update | exp.Set):

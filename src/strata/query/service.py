@@ -26,6 +26,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlglot
 from sqlglot import exp
 
 from strata.config import Config, parse_duration_ms
@@ -68,10 +69,47 @@ def sql_settings(config: Config) -> dict[str, Any]:
     return {
         "readonly": 2,
         "max_execution_time": q.sql_max_execution_s,
-        "max_result_rows": q.sql_max_rows,
+        # One more than sql_max_rows, like the LIMIT _planned puts on every
+        # SQL API query: the engine then never throws while that LIMIT cuts
+        # the stream (chDB hands the next query the rest of it as its error);
+        # QueryService.sql refuses answers above sql_max_rows itself.
+        "max_result_rows": q.sql_max_rows + 1,
         "result_overflow_mode": "throw",
         "max_memory_usage": q.sql_max_memory_bytes,
     }
+
+
+def cap_rows(sql: str, cap: int) -> str:
+    """``sql`` with its outermost SELECT limited to at most ``cap`` rows:
+    no LIMIT -> ``LIMIT cap``; a literal LIMIT above ``cap`` -> ``cap``
+    (OFFSET kept, so the first ``cap`` rows are the same rows). A UNION,
+    LIMIT BY, WITH TIES or a computed LIMIT is wrapped instead:
+    ``SELECT * FROM (sql) LIMIT cap``. Unparsable text comes back as is."""
+    try:
+        tree = sqlglot.parse_one(sql, dialect="clickhouse")
+    except sqlglot.errors.SqlglotError:
+        return sql
+    if isinstance(tree, exp.Select):
+        limit = tree.args.get("limit")
+        if limit is None and not tree.args.get("fetch"):
+            return str(tree.limit(cap, copy=False).sql(dialect="clickhouse", comments=False))
+        value = limit.expression if isinstance(limit, exp.Limit) else None
+        if (
+            isinstance(limit, exp.Limit)
+            and not limit.expressions
+            and not limit.args.get("limit_options")
+            and not limit.args.get("offset")
+            and isinstance(value, exp.Literal)
+            and value.is_int
+        ):
+            if int(value.name) > cap:
+                limit.set("expression", exp.Literal.number(cap))
+                return str(tree.sql(dialect="clickhouse", comments=False))
+            return sql
+    elif not isinstance(tree, exp.SetOperation | exp.Subquery):
+        return sql
+    wrapped = exp.select("*").from_(tree.subquery()).limit(cap)
+    return str(wrapped.sql(dialect="clickhouse", comments=False))
 
 
 def normalize(tree: Any) -> str:
@@ -114,10 +152,17 @@ class QueryService:
             parse_duration_ms(config.processor.final_retention),
         )
         redis_url = config.query.redis_url or config.serving.redis_url
+        # Redis keys under serving.redis_prefix: one namespace per deployment.
+        prefix = config.serving.redis_prefix
         self.cache: ResultCache = open_cache(
-            config.query.backend, redis_url=redis_url, max_entries=config.query.cache_max_entries
+            config.query.backend,
+            redis_url=redis_url,
+            max_entries=config.query.cache_max_entries,
+            redis_prefix=prefix,
         )
-        self.limits: QueryLimits = open_limits(config.query, redis_url=redis_url)
+        self.limits: QueryLimits = open_limits(
+            config.query, redis_url=redis_url, redis_prefix=prefix
+        )
         self.cache_ttl_ms = parse_duration_ms(config.query.cache_ttl)
         self.open_ttl_ms = parse_duration_ms(config.query.open_range_cache_ttl)
         self.complete_day_ttl_ms = parse_duration_ms(config.query.complete_day_cache_ttl)
@@ -547,6 +592,12 @@ class QueryService:
         now_ms = int(time.time() * 1000)
         route = self.router.route(tree, now_ms)
         normalized = normalize(tree)
+        # The engine checks max_result_rows per block, so one big block
+        # (arrayJoin(range(...))) would pass it: stop the query itself
+        # after sql_max_rows + 1 rows; sql() refuses answers above the limit.
+        route = dataclasses.replace(
+            route, sql=cap_rows(route.sql, self.config.query.sql_max_rows + 1)
+        )
         if route.time_range == find_time_range(tree, now_ms + DAY_MS):
             with self._lock:
                 self._plans[text] = (now + PLAN_CACHE_S, route, normalized)
@@ -674,12 +725,29 @@ class QueryService:
             )
             return result
 
+        limit = self.config.query.sql_max_rows
+        too_many = (
+            f"sql: the result has more than {limit} rows (query.sql_max_rows); "
+            "add a LIMIT or aggregate"
+        )
+
+        def bounded() -> QueryResult:
+            try:
+                result = compute()
+            except Exception as exc:
+                if "Limit for result exceeded" in str(exc):  # the engine's max_result_rows
+                    raise sandbox.SQLRejected(too_many) from exc
+                raise
+            if len(result.rows) > limit:
+                raise sandbox.SQLRejected(too_many)
+            return result
+
         result = self.cached(
             user=user,
             kind="sql",
             normalized=normalized,
             time_range=route.time_range,
-            compute=compute,
+            compute=bounded,
         )
         result.meta.setdefault("live_windows", LIVE_WINDOWS_NOTE)
         return result
