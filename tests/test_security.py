@@ -41,6 +41,7 @@ ROUTES: list[tuple[str, str, str, Any, str]] = [
     ("GET", "/v1/metrics/active-users", "/v1/metrics/active-users", None, "metrics"),
     ("GET", "/v1/metrics/revenue", "/v1/metrics/revenue", None, "metrics"),
     ("POST", "/v1/metrics/funnel", "/v1/metrics/funnel", {"steps": ["a", "b"]}, "metrics"),
+    ("GET", "/v1/metrics/funnel", "/v1/metrics/funnel", None, "metrics"),
     ("GET", "/v1/metrics/retention", "/v1/metrics/retention", None, "metrics"),
     ("GET", "/v1/metrics/top", "/v1/metrics/top", None, "metrics"),
     ("GET", "/v1/metrics/{name}", "/v1/metrics/page_views_by_country", None, "metrics"),

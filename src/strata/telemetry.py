@@ -46,6 +46,10 @@ HELP = {
     "strata_query_rate_limited_total": ("counter", "Queries refused with 429 by the rate limit."),
     "strata_gc_frozen_objects": (
         "gauge", "Objects moved to Python's permanent generation after start-up, by process."),
+    "strata_rollup_tier_rows": (
+        "gauge", "Rollup rows held by the in-memory tier of finalized days (decision 102)."),
+    "strata_rollup_tier_days": (
+        "gauge", "(rollup table, day) entries held by the in-memory rollup tier."),
 }
 
 
