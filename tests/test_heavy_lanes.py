@@ -297,7 +297,7 @@ def test_lane_results_equal_the_main_clients(env: Env) -> None:
 
 
 def test_heavy_lanes_setting_is_validated(tmp_path: Any) -> None:
-    assert load_config(overrides={"data_dir": str(tmp_path)}, environ={}).query.heavy_lanes == 2
+    assert load_config(overrides={"data_dir": str(tmp_path)}, environ={}).query.heavy_lanes == 3
     with pytest.raises(ConfigError, match="query.heavy_lanes"):
         load_config(overrides={"data_dir": str(tmp_path), "query.heavy_lanes": -1}, environ={})
 

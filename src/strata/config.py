@@ -211,7 +211,7 @@ class QueryConfig(_Section):
     # Extra store clients that run heavy (raw-events) queries, so one user's
     # long query does not hold the client that serves rollup reads and the
     # loaders' inserts (decision 103); 0 runs heavy queries on that client.
-    heavy_lanes: int = 2
+    heavy_lanes: int = 3
     # Result cache and rate limits: "memory" (one process) or "redis" (shared
     # by every API process). redis_url empty: serving.redis_url.
     backend: Literal["memory", "redis"] = "memory"

@@ -44,6 +44,8 @@ HELP = {
     "strata_query_cache_invalidations_total": (
         "counter", "Result cache entries dropped because late data revised their range."),
     "strata_query_rate_limited_total": ("counter", "Queries refused with 429 by the rate limit."),
+    "strata_query_heavy_lanes_busy_total": (
+        "counter", "Heavy queries refused with 429 because every heavy lane was busy."),
     "strata_gc_frozen_objects": (
         "gauge", "Objects moved to Python's permanent generation after start-up, by process."),
     "strata_rollup_tier_rows": (

@@ -26,6 +26,7 @@ parameters (decision 023).
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from datetime import UTC, date, datetime
@@ -171,7 +172,8 @@ async def _in_thread(fn: Any, *args: Any) -> Any:
     try:
         return await run_in_threadpool(fn, *args)
     except RateLimitExceeded as exc:
-        raise APIError(429, str(exc), {"Retry-After": "1"}) from exc
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        raise APIError(429, str(exc), {"Retry-After": retry}) from exc
 
 
 class MetricsAPI:

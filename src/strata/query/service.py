@@ -490,6 +490,7 @@ class QueryService:
                             text, parameters, settings, wait_s=self.heavy_lane_wait_s
                         )
                     except HeavyLanesBusy as exc:
+                        REGISTRY.inc("strata_query_heavy_lanes_busy_total")
                         raise RateLimitExceeded(
                             f"rate limit: the server is busy: all {exc.lanes} heavy-query "
                             f"lanes (query.heavy_lanes) run other users' raw-events "
