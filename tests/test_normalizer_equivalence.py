@@ -34,6 +34,7 @@ from strata.events import (
     RejectedEvent,
     _validation_message,
     invalid_utf8_message,
+    utf8_error,
     partition_for,
     to_epoch_ms,
 )
@@ -90,7 +91,13 @@ class ReferenceNormalizer:
                 rejected.append(RejectedEvent(index, _validation_message(exc)))
                 continue
             except msgspec.DecodeError as exc:
-                rejected.append(RejectedEvent(index, f"event: invalid JSON: {exc}"))
+                bad = utf8_error(raw)  # CHANGED: msgspec >= 0.23 reports UTF-8 here
+                rejected.append(
+                    RejectedEvent(
+                        index,
+                        invalid_utf8_message(bad) if bad else f"event: invalid JSON: {exc}",
+                    )
+                )
                 continue
             except UnicodeDecodeError as exc:  # CHANGED: was unhandled (HTTP 500)
                 rejected.append(RejectedEvent(index, invalid_utf8_message(exc)))

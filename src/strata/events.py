@@ -27,7 +27,7 @@ import os
 import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -258,7 +258,13 @@ class Normalizer:
                 rejected.append(RejectedEvent(index, _validation_message(exc)))
                 continue
             except msgspec.DecodeError as exc:
-                rejected.append(RejectedEvent(index, f"event: invalid JSON: {exc}"))
+                bad = utf8_error(raw)
+                rejected.append(
+                    RejectedEvent(
+                        index,
+                        invalid_utf8_message(bad) if bad else f"event: invalid JSON: {exc}",
+                    )
+                )
                 continue
             except UnicodeDecodeError as exc:
                 rejected.append(RejectedEvent(index, invalid_utf8_message(exc)))
@@ -338,6 +344,20 @@ class Normalizer:
             add_value(encode(event))
             add_event(event)
         return batch
+
+
+def utf8_error(data: Any) -> UnicodeDecodeError | None:
+    """The UTF-8 error of ``data`` (bytes, memoryview or msgspec.Raw), or None.
+
+    msgspec before 0.23 raised UnicodeDecodeError for invalid UTF-8 in a
+    string; 0.23 raises a DecodeError ("Invalid UTF-8 encoded string")
+    without the reason. Decoding the input again names it the same way on
+    every version."""
+    try:
+        bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc
+    return None
 
 
 def invalid_utf8_message(exc: UnicodeDecodeError) -> str:

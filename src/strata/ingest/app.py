@@ -30,6 +30,7 @@ from strata.events import (
     BatchIn,
     Normalizer,
     invalid_utf8_message,
+    utf8_error,
     now_ms,
     partition_for,
     to_epoch_ms,
@@ -329,6 +330,7 @@ class IngestService:
         identities: list[tuple[int, bytes]] = []
         refused: list[tuple[int, str]] = []
         for index, message in enumerate(messages):
+            raw = message
             try:
                 if isinstance(message, msgspec.Raw):
                     message = _message_decoder.decode(message)
@@ -337,7 +339,8 @@ class IngestService:
                     batch_context=context, received_at_ms=received,
                 )
             except (segment.MappingError, msgspec.MsgspecError) as exc:
-                refused.append((index, str(exc)))
+                bad = utf8_error(raw) if isinstance(exc, msgspec.DecodeError) else None
+                refused.append((index, invalid_utf8_message(bad) if bad else str(exc)))
                 continue
             except UnicodeDecodeError as exc:
                 refused.append((index, invalid_utf8_message(exc)))
@@ -368,7 +371,9 @@ class IngestService:
         except msgspec.ValidationError as exc:
             raise RequestError(400, f"body: {_describe(exc)}") from exc
         except msgspec.DecodeError as exc:
-            raise RequestError(400, f"body: malformed JSON: {exc}") from exc
+            bad = utf8_error(body)
+            detail = _not_utf8(bad) if bad else str(exc)
+            raise RequestError(400, f"body: malformed JSON: {detail}") from exc
         except UnicodeDecodeError as exc:
             raise RequestError(400, f"body: malformed JSON: {_not_utf8(exc)}") from exc
         if len(parsed.batch) > self.max_events:
@@ -400,7 +405,9 @@ class IngestService:
         except msgspec.ValidationError as exc:
             raise RequestError(400, f"body: {_describe(exc)}") from exc
         except msgspec.DecodeError as exc:
-            raise RequestError(400, f"body: malformed JSON: {exc}") from exc
+            bad = utf8_error(body)
+            detail = _not_utf8(bad) if bad else str(exc)
+            raise RequestError(400, f"body: malformed JSON: {detail}") from exc
         except UnicodeDecodeError as exc:
             raise RequestError(400, f"body: malformed JSON: {_not_utf8(exc)}") from exc
         if not header_auth:
