@@ -89,7 +89,7 @@ from sqlglot import exp
 from strata.metrics import Metric
 from strata.query.day_answers import DayAnswers, day_ms, day_of
 from strata.query.results import QueryResult
-from strata.query.router import DAY_MS, Route
+from strata.query.router import DAY_MS, Route, _is_rollup_bucket
 
 log = logging.getLogger("strata.query.tier")
 
@@ -102,6 +102,7 @@ MAX_QUERY_ROWS = 2_000_000
 MAX_PLANS = 1024
 # Longer ranges go to the engine (a day costs a few microseconds per request).
 MAX_QUERY_DAYS = 1100
+MAX_REMEMBERED_ARRAYS = 256
 # Remembered evaluations of time buckets / filters / dimension expressions.
 MAX_VALUES_PER_EXPRESSION = 1_000_000
 
@@ -117,6 +118,9 @@ class _Day:
     ws: np.ndarray  # int64 epoch seconds of window_start
     dims: list[np.ndarray]  # int64 codes, one array per dimension
     values: dict[str, np.ndarray]  # finalized aggregation -> per-row value
+    # Time key SQL -> (interning generation, per-row ids into the table's
+    # interned values of that key): computed once per held day.
+    time_ids: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -147,6 +151,16 @@ class _Dictionary:
         return out
 
 
+@dataclass
+class _Interned:
+    """The distinct values of one time key over one table's held days."""
+
+    generation: int
+    values: list[Any] = field(default_factory=list)
+    ids: dict[Any, int] = field(default_factory=dict)
+    invalid: int | None = None  # the id of _INVALID (not valid UTF-8), if seen
+
+
 @dataclass(frozen=True)
 class _Key:
     """One GROUP BY key: a time bucket (``sql`` over window_start), a bare
@@ -171,6 +185,9 @@ class _Plan:
     order: tuple[tuple[int, bool], ...]
     limit: int | None
     offset: int
+    # GROUP BY holds every dimension bare and the rollup's own bucket: each
+    # held row (one per window start and dimension values) is one group.
+    one_row_per_group: bool = False
 
 
 def _unqualified(node: exp.Expression, ts_to: str | None = None) -> exp.Expression:
@@ -241,6 +258,10 @@ class RollupTier:
         self._dictionaries: dict[tuple[str, str], _Dictionary] = {}
         # (kind, table, sql) -> {window start s | dimension code: value}
         self._evaluated: dict[tuple[str, str, str], dict[int, Any]] = {}
+        self._interned: dict[tuple[str, str], _Interned] = {}
+        # Rank and object arrays of remembered values lists, by list identity.
+        self._arrays: dict[tuple[Any, ...], Any] = {}
+        self._interned_generation = 0
         self._plans: OrderedDict[str, _Plan | str] = OrderedDict()
         # Expression text -> why it must not be remembered ("" when it may);
         # function name -> deterministic scalar (see _check_functions).
@@ -490,6 +511,12 @@ class RollupTier:
             outputs.append(("key", key_texts.index(text)))
         if not keys and any(kind == "key" for kind, _ in outputs):
             raise Declined("a non-aggregate output without GROUP BY")
+        granularity = route.served_from.removeprefix("rollup_")
+        bare = {key.dimension for key in keys if not key.time and not key.sql}
+        own_bucket = any(
+            is_time and _is_rollup_bucket(expression, granularity)
+            for expression, is_time in zip(shape.group, shape.time_group, strict=True)
+        )
         return _Plan(
             metric=metric,
             table=route.table,
@@ -502,6 +529,7 @@ class RollupTier:
             order=shape.order,
             limit=shape.limit,
             offset=shape.offset,
+            one_row_per_group=own_bucket and bare == set(range(len(dimensions))),
         )
 
     def _check_final(self, plan: _Plan) -> list[date]:
@@ -640,6 +668,76 @@ class RollupTier:
                 memo.update(rows)
         return _remembered(memo, wanted)
 
+    def _entry_time_ids(self, plan: _Plan, key: _Key, entry: _Day) -> tuple[_Interned, np.ndarray]:
+        """Per-row ids of ``key``'s values for one held day, into the
+        table's interned values of that key; computed once per day."""
+        with self._lock:
+            interned = self._interned.get((plan.table, key.sql))
+            if interned is None or len(interned.values) > MAX_VALUES_PER_EXPRESSION:
+                self._interned_generation += 1
+                interned = _Interned(self._interned_generation)
+                self._interned[(plan.table, key.sql)] = interned
+            cached = entry.time_ids.get(key.sql)
+            if cached is not None and cached[0] == interned.generation:
+                return interned, cached[1]
+        starts, inverse = np.unique(entry.ws, return_inverse=True)
+        local, distinct = _intern(self._time_values(plan, key, starts))
+        with self._lock:
+            ids = interned.ids
+            for value in distinct:
+                if value not in ids:
+                    ids[value] = len(interned.values)
+                    if value is _INVALID:
+                        interned.invalid = ids[value]
+                    interned.values.append(value)
+            global_of = np.fromiter(
+                (ids[value] for value in distinct), dtype=np.int64, count=len(distinct)
+            )
+            per_row = global_of[local][inverse] if len(distinct) else inverse.astype(np.int64)
+            entry.time_ids[key.sql] = (interned.generation, per_row)
+        return interned, per_row
+
+    def _remembered_ranks(
+        self, identity: tuple[Any, ...] | None, values: list[Any]
+    ) -> np.ndarray | None:
+        """The engine-order rank of every value of a remembered values list
+        (a table's dimension dictionary, a time key's interned values), kept
+        while the list does not grow; None when some value has no engine
+        order in Python (NULL, other types: the caller ranks the values in
+        use, and declines if those are such)."""
+        if identity is None:
+            return None
+        key = ("rank", *identity)
+        with self._lock:
+            found = self._arrays.get(key)
+        if found is None:
+            try:
+                found = _sort_rank(values, np.arange(len(values), dtype=np.int64))
+            except Declined:
+                found = False
+            self._remember_array(key, found)
+        return None if found is False else found
+
+    def _remembered_objects(
+        self, identity: tuple[Any, ...] | None, values: list[Any]
+    ) -> np.ndarray | None:
+        """A remembered values list as an object array (rows pick from it)."""
+        if identity is None:
+            return None
+        key = ("objects", *identity)
+        with self._lock:
+            found = self._arrays.get(key)
+        if found is None:
+            found = np.fromiter(values, dtype=object, count=len(values))
+            self._remember_array(key, found)
+        return found
+
+    def _remember_array(self, key: tuple[Any, ...], value: Any) -> None:
+        with self._lock:
+            if len(self._arrays) >= MAX_REMEMBERED_ARRAYS:
+                self._arrays.clear()
+            self._arrays[key] = value
+
     def _dimension_values(self, plan: _Plan, index: int, sql: str, kind: str) -> list[Any]:
         """``sql`` (over the dimension column) for every code of the
         dimension's dictionary."""
@@ -702,6 +800,20 @@ class RollupTier:
             }
         else:
             raise Declined("empty range")
+        # Time keys: per-row ids into the table's interned values, computed
+        # once per held day.
+        times: dict[int, tuple[_Interned, np.ndarray]] = {}
+        for k, key in enumerate(plan.keys):
+            if not key.time:
+                continue
+            parts = [self._entry_time_ids(plan, key, e) for e in entries]
+            interned = parts[0][0]
+            if any(part[0] is not interned for part in parts):
+                raise Declined("the tier's remembered time values were reset meanwhile")
+            times[k] = (
+                interned,
+                parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts]),
+            )
         mask: np.ndarray | None = None
         if plan.start_ms % DAY_MS or plan.end_ms % DAY_MS:
             mask = (ws >= plan.start_ms // 1000) & (ws < plan.end_ms // 1000)
@@ -717,6 +829,7 @@ class RollupTier:
             ws = ws[mask]
             dims = [d[mask] for d in dims]
             values = {alias: v[mask] for alias, v in values.items()}
+            times = {k: (interned, ids[mask]) for k, (interned, ids) in times.items()}
         rows_in = int(ws.shape[0])
         if not plan.keys and rows_in == 0:
             raise Declined("no rows: the engine's answer for an empty aggregate stands")
@@ -724,14 +837,20 @@ class RollupTier:
         # Group ids per key.
         key_ids: list[np.ndarray] = []
         key_values: list[list[Any]] = []
-        for key in plan.keys:
+        # Per key: what identifies its values list while it does not grow
+        # (None: built for this query), for the remembered rank and lookup
+        # arrays (_Remembered).
+        key_lists: list[tuple[Any, ...] | None] = []
+        for k, key in enumerate(plan.keys):
             if key.time:
-                starts, inverse = np.unique(ws, return_inverse=True)
-                evaluated = self._time_values(plan, key, starts)
-                ids, distinct = _intern(evaluated)
-                key_ids.append(ids[inverse] if len(ids) else inverse)
+                interned, ids = times[k]
+                with self._lock:
+                    distinct = list(interned.values)
+                if interned.invalid is not None and bool((ids == interned.invalid).any()):
+                    raise Declined(f"{key.sql} gives a value that is not valid UTF-8")
+                key_ids.append(ids)
                 key_values.append(distinct)
-                _check_valid(key_ids[-1], distinct, key.sql)
+                key_lists.append(("time", plan.table, key.sql, interned.generation, len(distinct)))
             else:
                 dimension = plan.metric.dimensions[key.dimension]
                 with self._lock:
@@ -741,11 +860,16 @@ class RollupTier:
                     ids, distinct = _intern(evaluated)
                     key_ids.append(ids[dims[key.dimension]] if len(ids) else dims[key.dimension])
                     key_values.append(distinct)
+                    key_lists.append(None)
                     _check_valid(key_ids[-1], distinct, key.sql)
                 else:
                     key_ids.append(dims[key.dimension])
                     key_values.append(names)
-        if key_ids:
+                    key_lists.append(("dim", plan.table, dimension, len(names)))
+        if plan.one_row_per_group:
+            first = np.arange(rows_in, dtype=np.int64)
+            inverse = first
+        elif key_ids:
             sizes = [max(len(v), 1) for v in key_values]
             if float(np.prod(np.asarray(sizes, dtype=np.float64))) >= 2.0**62:
                 raise Declined("too many key combinations")
@@ -772,7 +896,10 @@ class RollupTier:
                 arrays.append(ids)
                 distinct = key_values[ref]
                 if position in ordered and len(distinct):
-                    sort_arrays.append(_sort_rank(distinct, ids)[ids])
+                    rank = self._remembered_ranks(key_lists[ref], distinct)
+                    if rank is None:
+                        rank = _sort_rank(distinct, ids)
+                    sort_arrays.append(rank[ids])
                 else:
                     sort_arrays.append(ids)
                 continue
@@ -813,8 +940,15 @@ class RollupTier:
             picked = array[selected]
             if kind == "key":
                 distinct = key_values[ref]
-                lookup = np.fromiter(distinct, dtype=object, count=len(distinct))
-                columns_out.append(lookup[picked].tolist() if len(lookup) else [])
+                whole = self._remembered_objects(key_lists[ref], distinct)
+                if whole is not None:
+                    columns_out.append(whole[picked].tolist())
+                    continue
+                used, positions = np.unique(picked, return_inverse=True)
+                lookup = np.fromiter(
+                    (distinct[i] for i in used.tolist()), dtype=object, count=len(used)
+                )
+                columns_out.append(lookup[positions].tolist() if len(used) else [])
             else:
                 columns_out.append(picked.tolist())
         rows = list(zip(*columns_out, strict=True)) if columns_out else []
