@@ -748,8 +748,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Floor: `SELECT 1` {results['chDB floor']['SELECT 1'][0]:.2f} ms, a one-row rollup "
         f"read {floor:.2f} ms (p50); raw page views ({views_raw:.1f} ms) are "
-        f"{views_raw / floor:.1f}x that floor, so no query on that rollup, however small, can "
-        f"be more than about {views_raw / floor:.1f}x faster than raw there (active parts: "
+        f"{views_raw / floor:.1f}x that floor, so no query that chDB runs on that rollup, however "
+        f"small, can be more than about {views_raw / floor:.1f}x faster than raw there (the "
+        "in-memory rollup tier, decision 102, does not ask chDB; active parts: "
         f"`events` {parts.get('events', 0)}, `{views_table}` {parts.get(views_table, 0)}; both "
         "are partitioned by day). What the floor is made of (decision 098): a GROUP BY + ORDER "
         "BY of 10 generated rows, no table, costs "
