@@ -201,6 +201,26 @@ def three_days(env: Env, base: int) -> list[EventRecord]:
     return events
 
 
+def page_views(n: int, start_ms: int, seed: int, prefix: str) -> list[EventRecord]:
+    """The page_view events among ``n`` generated ones (300 users)."""
+    return [
+        e
+        for e in make_events(n, start_ms=start_ms, users=300, seed=seed, prefix=prefix)
+        if e.event_type == "page_view"
+    ]
+
+
+def held_day(env: Env, base: int) -> tuple[list[EventRecord], int, str]:
+    """Three loaded days, finalized; day 2's page views answered from memory.
+    Returns (events, day 2's start, the page-views SQL over day 2)."""
+    events = three_days(env, base)
+    finalize(env, base)
+    day = base + DAY_MS
+    text = page_views_sql(day, day + DAY_MS)
+    assert env.check(text, reference(events, day, day + DAY_MS))["rollup_tier"] == "memory"
+    return events, day, text
+
+
 def finalize(env: Env, base: int, days: int = 3) -> None:
     env.watermark = base + days * DAY_MS + 60_000
     env.step()
@@ -272,19 +292,11 @@ def test_late_data_is_never_hidden_by_the_tier(tmp_path: Path) -> None:
     base = base_day(8)
     env = Env(tmp_path)
     try:
-        events = three_days(env, base)
-        finalize(env, base)
-        day = base + DAY_MS
-        text = page_views_sql(day, day + DAY_MS)
-        assert env.check(text, reference(events, day, day + DAY_MS))["rollup_tier"] == "memory"
+        events, day, text = held_day(env, base)
 
         # Late page views into the final, held day, reported (as the
         # processor does) before the loader stored them.
-        late = [
-            e
-            for e in make_events(80, start_ms=day, users=300, seed=41, prefix="late")
-            if e.event_type == "page_view"
-        ]
+        late = page_views(80, day, 41, "late")
         assert late
         env.produce(late)
         env.pipeline.on_revised(min(e.ts for e in late), max(e.ts for e in late) + 1)
@@ -317,11 +329,7 @@ def test_late_data_is_never_hidden_by_the_tier(tmp_path: Path) -> None:
 
         # A late event the processor no longer holds reaches only late_events:
         # the finalizer's scan marks the day (through pipeline.on_revised).
-        gone = [
-            e
-            for e in make_events(60, start_ms=base, users=300, seed=42, prefix="gone")
-            if e.event_type == "page_view"
-        ]
+        gone = page_views(60, base, 42, "gone")
         env.produce(gone)
         env.load()
         row = gone[0]
@@ -362,17 +370,9 @@ def test_late_rows_are_never_served_stale_before_late_events_is_scanned(tmp_path
     base = base_day(8)
     env = Env(tmp_path)
     try:
-        events = three_days(env, base)
-        finalize(env, base)
-        day = base + DAY_MS
-        text = page_views_sql(day, day + DAY_MS)
-        assert env.check(text, reference(events, day, day + DAY_MS))["rollup_tier"] == "memory"
+        events, day, text = held_day(env, base)
 
-        upload = [
-            e
-            for e in make_events(80, start_ms=day, users=300, seed=71, prefix="upload")
-            if e.event_type == "page_view"
-        ]
+        upload = page_views(80, day, 71, "upload")
         env.produce(upload)
         env.load()  # the events loader stored them; no late_events row yet
         expected = reference([*events, *upload], day, day + DAY_MS)
@@ -440,11 +440,7 @@ def test_query_api_pipeline_without_a_processor_never_serves_late_rows_stale(
         assert body["rollup_tier"] == "memory"  # the tier is active in this shape
         assert keyed(body["rows"]) == reference(events, day, day + DAY_MS)
 
-        upload = [
-            e
-            for e in make_events(80, start_ms=day, users=300, seed=72, prefix="upload")
-            if e.event_type == "page_view"
-        ]
+        upload = page_views(80, day, 72, "upload")
         produce(pipeline.log, upload, config.log.partitions)
         load()
         expected = reference([*events, *upload], day, day + DAY_MS)
@@ -562,26 +558,14 @@ def test_restart_serves_from_memory_only_after_the_first_completed_snapshot(
     base = base_day(8)
     env = Env(tmp_path)
     try:
-        events = three_days(env, base)
-        finalize(env, base)
-        day = base + DAY_MS
-        text = page_views_sql(day, day + DAY_MS)
-        assert env.check(text, reference(events, day, day + DAY_MS))["rollup_tier"] == "memory"
+        events, day, text = held_day(env, base)
         # A revision left pending at shutdown: stored, marked, not recomputed.
-        late = [
-            e
-            for e in make_events(60, start_ms=base, users=300, seed=51, prefix="late")
-            if e.event_type == "page_view"
-        ]
+        late = page_views(60, base, 51, "late")
         env.produce(late)
         env.load()
         env.pipeline.on_revised(base, base + 1)
         # Late page views of day 2 in the log, reported, not loaded at shutdown.
-        pending = [
-            e
-            for e in make_events(60, start_ms=base + 2 * DAY_MS, users=300, seed=52, prefix="p")
-            if e.event_type == "page_view"
-        ]
+        pending = page_views(60, base + 2 * DAY_MS, 52, "p")
         env.produce(pending)
         env.pipeline.on_revised(base + 2 * DAY_MS, base + 2 * DAY_MS + 1)
     finally:
@@ -737,11 +721,7 @@ def test_a_stored_old_row_revises_only_its_own_day(tmp_path: Path) -> None:
             body = env.check(page_views_sql(start, start + DAY_MS), reference(events, start, start + DAY_MS))
             assert body["rollup_tier"] == "memory"
         assert env.service.tier.held()["days"] >= 3
-        old = [
-            e
-            for e in make_events(40, start_ms=base, users=300, seed=81, prefix="old")
-            if e.event_type == "page_view"
-        ][:1]
+        old = page_views(40, base, 81, "old")[:1]
         now = [
             e
             for e in make_events(40, start_ms=base_day(0), users=300, seed=82, prefix="now")
