@@ -94,3 +94,20 @@ class CountingStore:
 
             return counted
         return attr
+
+
+def finalizer_for(pipeline: Any, watermark: Any) -> Any:
+    """A DayFinalizer of ``pipeline`` driven by ``watermark()`` (the test sets
+    the processor's input), with the real log end offsets and loader, late
+    data to ``pipeline.on_revised`` and no wait between late_events scans."""
+    from strata.query.day_answers import DayFinalizer
+
+    return DayFinalizer(
+        lambda: pipeline.query.day_answers,
+        watermark,
+        lambda: pipeline.log.end_offsets("events"),
+        lambda: dict(pipeline.loaders["events"].offsets),
+        lambda: 0,
+        on_late=pipeline.on_revised,
+        late_scan_interval_s=0.0,
+    )

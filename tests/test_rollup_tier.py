@@ -15,14 +15,14 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from tests.fixtures_lake import config_for, make_events, produce
-from tests.fixtures_query import CountingStore
+from tests.fixtures_query import CountingStore, finalizer_for
 
 from strata.events import EventRecord
 from strata.lake.api import lake_routes
 from strata.lake.wiring import register_lake
 from strata.query import sandbox
 from strata.query.api import CoreAPI, core_routes
-from strata.query.day_answers import DayFinalizer, day_of
+from strata.query.day_answers import day_of
 from strata.query.service import QueryService
 from strata.server.pipeline import Pipeline
 
@@ -107,15 +107,7 @@ class Env:
         self.counting = CountingStore(self.real_store)
         self.pipeline.store = self.counting  # type: ignore[assignment]
         self.watermark: int | None = None
-        self.finalizer = DayFinalizer(
-            lambda: self.pipeline.query.day_answers,
-            lambda: self.watermark,
-            lambda: self.pipeline.log.end_offsets("events"),
-            lambda: dict(self.pipeline.loaders["events"].offsets),
-            lambda: 0,
-            on_late=self.pipeline.on_revised,
-            late_scan_interval_s=0.0,
-        )
+        self.finalizer = finalizer_for(self.pipeline, lambda: self.watermark)
         self.pipeline.query.watermark = lambda: self.watermark
         app = Starlette(routes=[*core_routes(CoreAPI(self.pipeline)), *lake_routes(self.pipeline)])
         self.client = TestClient(app)
