@@ -30,10 +30,10 @@ from strata.events import (
     BatchIn,
     Normalizer,
     invalid_utf8_message,
-    utf8_error,
     now_ms,
     partition_for,
     to_epoch_ms,
+    utf8_error,
 )
 from strata.ingest import segment
 from strata.ingest.committer import GroupCommitter

@@ -120,6 +120,11 @@ def _dimension(name: str, field: str) -> str:
     return name
 
 
+# ``<column>=value`` short forms of ``filter.<column>=value`` (every metrics
+# endpoint, GET /v1/metrics/{name} included).
+SHORT_FILTERS = ("event_type", "country", "platform", "currency")
+
+
 def _filters(params: Any) -> dict[str, str]:
     """``filter.<column>=value`` (or ``<column>=value`` for event_type,
     country, platform) query parameters."""
@@ -127,7 +132,7 @@ def _filters(params: Any) -> dict[str, str]:
     for key, value in params.items():
         if key.startswith("filter."):
             out[_dimension(key[len("filter.") :], key)] = value
-        elif key in ("event_type", "country", "platform", "currency"):
+        elif key in SHORT_FILTERS:
             out[key] = value
     return out
 

@@ -17,6 +17,7 @@ range changed by late data (``Pipeline.on_revised`` calls it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -481,31 +482,24 @@ class QueryService:
         started = time.perf_counter()
         settings = sql_settings(self.config)
         store = self.store
-        if heavy:
-            with self.limits.heavy(user):
 
-                def query(text: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-                    try:
-                        return store.query_rows_heavy(
-                            text, parameters, settings, wait_s=self.heavy_lane_wait_s
-                        )
-                    except HeavyLanesBusy as exc:
-                        REGISTRY.inc("strata_query_heavy_lanes_busy_total")
-                        raise RateLimitExceeded(
-                            f"rate limit: the server is busy: all {exc.lanes} heavy-query "
-                            f"lanes (query.heavy_lanes) run other users' raw-events "
-                            f"queries; retry in {self.heavy_lane_retry_after_s:g} s",
-                            self.heavy_lane_retry_after_s,
-                        ) from exc
-
-                columns, rows = query(sql)
-                if not rows and not columns:
-                    columns = self._empty_columns(sql, query)
-        else:
-
-            def query(text: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        def query(text: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+            if not heavy:
                 return store.query_rows(text, parameters, settings)
+            try:
+                return store.query_rows_heavy(
+                    text, parameters, settings, wait_s=self.heavy_lane_wait_s
+                )
+            except HeavyLanesBusy as exc:
+                REGISTRY.inc("strata_query_heavy_lanes_busy_total")
+                raise RateLimitExceeded(
+                    f"rate limit: the server is busy: all {exc.lanes} heavy-query "
+                    f"lanes (query.heavy_lanes) run other users' raw-events "
+                    f"queries; retry in {self.heavy_lane_retry_after_s:g} s",
+                    self.heavy_lane_retry_after_s,
+                ) from exc
 
+        with self.limits.heavy(user) if heavy else contextlib.nullcontext():
             columns, rows = query(sql)
             if not rows and not columns:
                 columns = self._empty_columns(sql, query)

@@ -79,7 +79,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Any
 
 import numpy as np
@@ -89,7 +89,7 @@ from sqlglot import exp
 from strata.metrics import Metric
 from strata.query.day_answers import DayAnswers, day_ms, day_of
 from strata.query.results import QueryResult
-from strata.query.router import DAY_MS, Route, _is_rollup_bucket
+from strata.query.router import DAY_MS, Route, _is_rollup_bucket, _utc
 
 log = logging.getLogger("strata.query.tier")
 
@@ -487,35 +487,35 @@ class RollupTier:
             keys.append(_Key(False, index, text))
         outputs: list[tuple[str, Any]] = []
         named: dict[str, tuple[str, Any]] = {}
-        for name, index, expression in shape.projections:
+        for name, position, projected in shape.projections:
             # Two outputs of one name must be one expression (in the routed
             # SQL): else the engine rejects the query ("Multiple expressions
             # for the alias").
-            same = ("aggregation", index) if index is not None else (
+            same = ("aggregation", position) if position is not None else (
                 "expression",
-                expression.sql(dialect="clickhouse", comments=False) if expression else name,
+                projected.sql(dialect="clickhouse", comments=False) if projected else name,
             )
             if named.setdefault(name, same) != same:
                 raise Declined(f"two different outputs are named {name!r}")
-            if index is not None:
-                aggregation = metric.aggregations[index]
+            if position is not None:
+                aggregation = metric.aggregations[position]
                 if aggregation.function == "uniq":
                     raise Declined("uniq states merge only inside the engine")
                 outputs.append((aggregation.function, aggregation.alias))
                 continue
-            if expression is None:
+            if projected is None:
                 raise Declined(f"output {name!r} is not an aggregation of the metric")
-            text = expression.sql(dialect="clickhouse", comments=False)
+            text = projected.sql(dialect="clickhouse", comments=False)
             if text not in key_texts:
                 raise Declined(f"output {name!r} is not a GROUP BY key")
             outputs.append(("key", key_texts.index(text)))
         if not keys and any(kind == "key" for kind, _ in outputs):
             raise Declined("a non-aggregate output without GROUP BY")
         granularity = route.served_from.removeprefix("rollup_")
-        bare = {key.dimension for key in keys if not key.time and not key.sql}
+        bare_dimensions = {key.dimension for key in keys if not key.time and not key.sql}
         own_bucket = any(
-            is_time and _is_rollup_bucket(expression, granularity)
-            for expression, is_time in zip(shape.group, shape.time_group, strict=True)
+            is_time and _is_rollup_bucket(grouped, granularity)
+            for grouped, is_time in zip(shape.group, shape.time_group, strict=True)
         )
         return _Plan(
             metric=metric,
@@ -529,7 +529,7 @@ class RollupTier:
             order=shape.order,
             limit=shape.limit,
             offset=shape.offset,
-            one_row_per_group=own_bucket and bare == set(range(len(dimensions))),
+            one_row_per_group=own_bucket and bare_dimensions == set(range(len(dimensions))),
         )
 
     def _check_final(self, plan: _Plan) -> list[date]:
@@ -599,10 +599,7 @@ class RollupTier:
         selects += [f"toString({d}) AS {d}" for d in metric.dimensions]
         aggregations = [a for a in metric.aggregations if a.function != "uniq"]
         selects += [f"finalizeAggregation({a.alias}) AS {a.alias}" for a in aggregations]
-        lower = datetime.fromtimestamp(day_ms(first) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        upper = datetime.fromtimestamp((day_ms(last) + DAY_MS) / 1000, UTC).strftime(
-            "%Y-%m-%d %H:%M:%S"
-        )
+        lower, upper = _utc(day_ms(first)), _utc(day_ms(last) + DAY_MS)
         table: pa.Table = self.store.query_arrow(
             f"SELECT {', '.join(selects)} FROM {plan.table} FINAL "
             f"WHERE window_start >= toDateTime('{lower}', 'UTC') "
@@ -705,38 +702,40 @@ class RollupTier:
         while the list does not grow; None when some value has no engine
         order in Python (NULL, other types: the caller ranks the values in
         use, and declines if those are such)."""
-        if identity is None:
-            return None
-        key = ("rank", *identity)
-        with self._lock:
-            found = self._arrays.get(key)
-        if found is None:
+        def rank() -> Any:
             try:
-                found = _sort_rank(values, np.arange(len(values), dtype=np.int64))
+                return _sort_rank(values, np.arange(len(values), dtype=np.int64))
             except Declined:
-                found = False
-            self._remember_array(key, found)
+                return False
+
+        found = self._remembered("rank", identity, rank)
         return None if found is False else found
 
     def _remembered_objects(
         self, identity: tuple[Any, ...] | None, values: list[Any]
     ) -> np.ndarray | None:
         """A remembered values list as an object array (rows pick from it)."""
+        return self._remembered(
+            "objects", identity, lambda: np.fromiter(values, dtype=object, count=len(values))
+        )
+
+    def _remembered(
+        self, kind: str, identity: tuple[Any, ...] | None, build: Callable[[], Any]
+    ) -> Any:
+        """``build()``'s array for a remembered values list, built once per
+        (kind, list identity); None without an identity."""
         if identity is None:
             return None
-        key = ("objects", *identity)
+        key = (kind, *identity)
         with self._lock:
             found = self._arrays.get(key)
         if found is None:
-            found = np.fromiter(values, dtype=object, count=len(values))
-            self._remember_array(key, found)
+            found = build()
+            with self._lock:
+                if len(self._arrays) >= MAX_REMEMBERED_ARRAYS:
+                    self._arrays.clear()
+                self._arrays[key] = found
         return found
-
-    def _remember_array(self, key: tuple[Any, ...], value: Any) -> None:
-        with self._lock:
-            if len(self._arrays) >= MAX_REMEMBERED_ARRAYS:
-                self._arrays.clear()
-            self._arrays[key] = value
 
     def _dimension_values(self, plan: _Plan, index: int, sql: str, kind: str) -> list[Any]:
         """``sql`` (over the dimension column) for every code of the

@@ -31,17 +31,6 @@ log = logging.getLogger("strata.core")
 _QUERY_LOCK = threading.RLock()
 
 
-def _runs(days: list[int]) -> list[tuple[int, int]]:
-    """Sorted day numbers as [first, until) runs of consecutive days."""
-    out: list[tuple[int, int]] = []
-    for day in days:
-        if out and out[-1][1] == day:
-            out[-1] = (out[-1][0], day + 1)
-        else:
-            out.append((day, day + 1))
-    return out
-
-
 def iso(ms: int | None) -> str | None:
     if ms is None:
         return None
@@ -186,7 +175,7 @@ class Pipeline:
         frontier, the stored one counts (day_answers serves it)."""
         import pyarrow.compute as pc
 
-        from strata.query.day_answers import DAY_MS, day_ms
+        from strata.query.day_answers import DAY_MS, day_ms, day_of, day_runs
 
         answers = self.query.day_answers
         frontiers = [f for f in (answers.local_frontier, answers.stored_frontier()) if f]
@@ -198,8 +187,8 @@ class Pipeline:
             return
         times = event_times_ms.to_numpy(zero_copy_only=False)
         days = np.unique(times[times < final_until] // DAY_MS)
-        for first, until in _runs(days.tolist()):
-            self.on_revised(first * DAY_MS, until * DAY_MS)
+        for first, until in day_runs([day_of(int(d) * DAY_MS) for d in days]):
+            self.on_revised(day_ms(first), day_ms(until))
 
     def on_late_rows(self, event_times_ms: Any) -> None:
         """Late rows with these event times (epoch ms) were stored."""

@@ -51,6 +51,7 @@ from starlette.routing import Route
 from strata.config import parse_duration_ms
 from strata.metrics import Metric, compile_metrics
 from strata.processor.engine import capped_key
+from strata.query.metrics_api import SHORT_FILTERS
 from strata.serving.base import ServingStore
 from strata.serving.state import WindowState, finalize, merge_values
 
@@ -59,9 +60,6 @@ from strata.serving.state import WindowState, finalize, merge_values
 RESERVED = frozenset({"dau", "wau", "mau", "active-users", "revenue", "funnel", "retention", "top"})
 GRANULARITY_MS = {"5m": 300_000, "1h": 3_600_000, "1d": 86_400_000}
 PARAMETERS = ("from", "to", "granularity", "group_by")
-# ``<column>=value`` short forms of ``filter.<column>=value`` (as in
-# strata.query.metrics_api._filters).
-SHORT_FILTERS = ("event_type", "country", "platform", "currency")
 
 
 class LiveMetrics:

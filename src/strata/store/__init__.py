@@ -160,7 +160,7 @@ class Store:
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         with self._lock:
             result = self.client.query(sql, parameters=parameters, settings=settings)
-        return list(result.column_names), [tuple(row) for row in result.result_rows]
+        return _columns_and_rows(result)
 
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         _, rows = self.query_rows(sql, parameters)
@@ -196,7 +196,7 @@ class Store:
             # An error (timeout, killed, bad SQL) leaves the client usable:
             # clickhouse-connect closes the result stream before raising.
             result = lane.client.query(sql, parameters=parameters, settings=settings)
-            return list(result.column_names), [tuple(row) for row in result.result_rows]
+            return _columns_and_rows(result)
         finally:
             self._give_back(lane)
 
@@ -251,3 +251,8 @@ class Store:
                 self.client.close()
             except Exception:  # closing a half-open client must not mask the real error
                 pass
+
+
+def _columns_and_rows(result: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """A clickhouse-connect query result as (column names, row tuples)."""
+    return list(result.column_names), [tuple(row) for row in result.result_rows]
